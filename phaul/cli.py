@@ -1,0 +1,197 @@
+"""The ``phaul`` command line: argument parsing and the one place errors become exit codes.
+
+Each subcommand's work lives in its own module; this file only declares options and dispatches.
+Errors are printed as one line (``phaul: error: ...``) with the documented exit code
+(phaul.errors); the traceback goes to the log (``--debug`` shows it on the terminal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from phaul import __version__
+from phaul.errors import EXIT_CODES, PhaulError
+
+log = logging.getLogger("phaul")
+
+EXIT_CODE_HELP = "exit codes: 0 ok; " + "; ".join(
+    f"{code} {name}" for name, code in sorted(EXIT_CODES.items(), key=lambda kv: kv[1]) if code
+)
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from phaul.engine.criu_locate import cmd_check
+
+    return cmd_check(args)
+
+
+def _cmd_agent(args: argparse.Namespace) -> int:
+    from phaul.target.agent import cmd_agent
+
+    return cmd_agent(args)
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from phaul.source.migrate import cmd_migrate
+
+    return cmd_migrate(args)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from phaul.source.launch import cmd_run
+
+    return cmd_run(args)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from phaul.demo import cmd_demo
+
+    return cmd_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="phaul",
+        description=(
+            "Live-migrate a running Linux process tree (memory, files, established TCP "
+            "connections, its IP address) to another host with CRIU. Run `phaul agent` on the "
+            "target, then `phaul migrate PID --to HOST:PORT` on the source. New here? "
+            "Try `phaul demo`."
+        ),
+        epilog=EXIT_CODE_HELP,
+    )
+    p.add_argument("--version", action="version", version=f"phaul {__version__}")
+    p.add_argument("--debug", action="store_true", help="log everything, tracebacks included")
+    p.add_argument("--log-file", help="also write the full log (with tracebacks) to this file")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    c = sub.add_parser("check", help="show which CRIU phaul uses and whether it works here")
+    c.add_argument("--criu", help="CRIU binary to check (default: config, $PHAUL_CRIU, PATH)")
+    c.add_argument("--json", action="store_true", help="machine-readable output")
+    c.set_defaults(func=_cmd_check)
+
+    a = sub.add_parser(
+        "agent",
+        help="receive migrations on this host (foreground daemon)",
+        description=(
+            "Receive migrations. Every connection must authenticate first: with --token-file "
+            "both sides prove they know the token (HMAC challenge-response; the token never "
+            "crosses the wire, but the traffic is NOT encrypted: use it in trusted labs only)."
+        ),
+    )
+    a.add_argument("--listen", default="0.0.0.0:7707", metavar="ADDR:PORT")
+    a.add_argument("--token-file", metavar="FILE", help="shared secret (mode 0600 or stricter)")
+    a.add_argument(
+        "--workdir",
+        default="/var/lib/phaul",
+        metavar="DIR",
+        help="where images, logs and the journal go (default: %(default)s)",
+    )
+    a.add_argument(
+        "--ip-dev",
+        metavar="DEV",
+        help="device for moved addresses (default: the one with a route to them)",
+    )
+    a.add_argument("--criu", help="CRIU binary (default: config, $PHAUL_CRIU, PATH)")
+    a.add_argument(
+        "--netns",
+        metavar="PATH",
+        help="restore into this network namespace (e.g. /run/netns/x); default: own",
+    )
+    a.set_defaults(func=_cmd_agent)
+
+    m = sub.add_parser(
+        "migrate",
+        help="move a running process tree to another host",
+        description=(
+            "Move process PID and its children to the host where `phaul agent` runs. The tree "
+            "stays frozen on this host until the target confirms that it runs there; any failure "
+            "before that resumes it here, unchanged."
+        ),
+        epilog=EXIT_CODE_HELP,
+    )
+    m.add_argument("pid", type=int, metavar="PID", help="root of the process tree to move")
+    m.add_argument("--to", required=True, metavar="HOST:PORT", help="address of the target agent")
+    m.add_argument("--token-file", metavar="FILE", help="shared secret of the target agent")
+    m.add_argument(
+        "--move-ip",
+        action="append",
+        default=[],
+        metavar="ADDR/PREFIX",
+        help="address to move with the tree (repeatable; default: the non-loopback "
+        "addresses the tree's sockets are bound to)",
+    )
+    m.add_argument("--no-move-ip", action="store_true", help="move no address at all")
+    m.add_argument("--report", metavar="FILE.json", help="write a JSON report of the migration")
+    m.add_argument("--criu", help="CRIU binary (default: config, $PHAUL_CRIU, PATH)")
+    m.add_argument(
+        "--workdir",
+        default="/var/lib/phaul",
+        metavar="DIR",
+        help="where the source keeps its small images and logs",
+    )
+    m.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="give up (and roll back) if the target has not restored in S seconds",
+    )
+    m.add_argument("--json", action="store_true", help="progress events as JSON lines on stdout")
+    m.set_defaults(func=_cmd_migrate)
+
+    r = sub.add_parser(
+        "run",
+        help="start a command as a migratable workload (own pid namespace, tini as init)",
+    )
+    r.add_argument("--netns", metavar="PATH", help="network namespace to run in")
+    r.add_argument("--pidfile", metavar="FILE", help="write the workload's root PID here")
+    r.add_argument("--stdout", metavar="FILE", default="/dev/null")
+    r.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...")
+    r.set_defaults(func=_cmd_run)
+
+    d = sub.add_parser("demo", help="migrate a sample TCP service between two namespace hosts")
+    d.add_argument("--keep", action="store_true", help="leave the demo hosts for inspection")
+    d.set_defaults(func=_cmd_demo)
+    return p
+
+
+def setup_logging(debug: bool, log_file: str | None) -> None:
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG)
+    term = logging.StreamHandler(sys.stderr)
+    term.setLevel(logging.DEBUG if debug else logging.INFO)
+    term.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(term)
+    if log_file:
+        fh = logging.FileHandler(log_file)
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(fh)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    setup_logging(args.debug, args.log_file)
+    func: Handler = args.func
+    try:
+        return func(args)
+    except PhaulError as err:
+        log.debug("failed", exc_info=True)
+        print(f"phaul: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("phaul: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

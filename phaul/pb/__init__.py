@@ -1,0 +1,1 @@
+"""Generated from protobuf/*.proto by protobuf/generate.sh. Do not edit."""

@@ -1,0 +1,415 @@
+"""``phaul migrate``: the migration as seen from the source.
+
+Sequence (stop-and-copy; the hinge is CRIU's ``post-dump`` notify):
+1. validate the PID, find CRIU, learn the tree and the addresses to move;
+2. connect and authenticate, preflight on the target (a failure changes nothing);
+3. Prepare: the target makes a work dir and gives us a ticket for the page connection;
+4. CRIU dumps the tree (frozen, network locked); its page stream goes through a socketpair that
+   we relay onto the authenticated page connection into the target's page store;
+5. at ``post-dump`` (tree still frozen): send the small image files, ask for Restore, wait until
+   the target holds the restored tree at pre-resume (``Restored``), say ``Commit``, wait for
+   ``Committed``, and only then answer CRIU "success" (CRIU kills the source tree). Any failure
+   before Commit answers "failure": CRIU unlocks the network and the tree resumes, unchanged.
+6. after commit: the addresses leave the source, CRIU's network-lock table is removed.
+A lost ``Committed`` is not guessed: we ask the agent on a new connection (StatusQuery).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from phaul.engine import proctree
+from phaul.engine.criu_locate import CriuBinary, find_criu
+from phaul.errors import (
+    CommitUncertain,
+    ConnectError,
+    MigrationAborted,
+    PhaulError,
+    PreflightFailed,
+    UsageError,
+)
+from phaul.pb import phaul_pb2 as pb
+from phaul.phase import Phase, PhaseMachine
+from phaul.protocol.auth import client_handshake, load_token
+from phaul.protocol.framing import IMAGE_CHUNK, Channel
+from phaul.source.pagerelay import PageRelay
+from phaul.source.report import Report
+from phaul.transport.tcp import connect, detach_socket, parse_hostport
+
+log = logging.getLogger(__name__)
+
+COMMIT_ACK_TIMEOUT = 30.0
+STATUS_RETRY_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class MigrateConfig:
+    pid: int
+    host: str
+    port: int
+    token: bytes
+    workdir: Path
+    move_ips: tuple[ipaddress.IPv4Interface, ...] = ()
+    auto_ips: bool = True
+    timeout: float = 120.0
+    criu_path: str | None = None
+    fault: str = field(default_factory=lambda: os.environ.get("PHAUL_FAULT", ""))
+
+
+@dataclass
+class DumpRoot:
+    pid: int  # what CRIU dumps
+    own_pidns: bool  # the root is the init of its own pid namespace
+    pids: list[int]
+
+
+def find_dump_root(pid: int) -> DumpRoot:
+    """The process CRIU must dump for ``pid``: itself, or the init of its pid namespace."""
+    from phaul.engine import nsutil
+
+    proctree.validate_migratable(pid)
+    if proctree.is_pidns_init(pid):
+        root, own = pid, True
+    else:
+        init = nsutil.pidns_init_of(pid)
+        if init is not None:
+            # Inside a pid namespace (e.g. one phaul restored earlier): the namespace moves whole.
+            root, own = init, True
+        else:
+            root, own = pid, False
+    pids = [ref.pid for ref in proctree.tree(root)]
+    return DumpRoot(root, own, pids)
+
+
+class SourceMigration:
+    def __init__(self, cfg: MigrateConfig, criu: CriuBinary, emit: Any = None) -> None:
+        self.cfg = cfg
+        self.criu = criu
+        self.id = uuid.uuid4().hex[:12]
+        self.machine = PhaseMachine(Phase.HANDSHAKE)
+        self.report = Report(self.id, cfg.pid, f"{cfg.host}:{cfg.port}")
+        self.emit = emit or (lambda event, **kw: None)
+        self.chan: Channel | None = None
+        self.addresses: list[ipaddress.IPv4Interface] = []
+        self.images_dir = cfg.workdir / self.id / "images"
+        self.committed = False
+        self.commit_sent = False
+        self.post_dump_error: BaseException | None = None
+        self.relay: PageRelay | None = None
+
+    def _phase(self, to: Phase) -> None:
+        self.machine.advance(to)
+        self.report.phase_reached = to.value
+        self.report.mark(to.value)
+        self.emit("phase", phase=to.value)
+        log.info("migration %s: %s", self.id, to.value)
+
+    async def run(self) -> Report:
+        try:
+            await self._run()
+            self.report.outcome = "migrated"
+        except PhaulError as err:
+            self.report.outcome = "migrated" if self.committed else "rolled-back"
+            self.report.error = str(err)
+            raise
+        finally:
+            self.report.finish()
+            if self.chan is not None:
+                await self.chan.close()
+            if self.relay is not None:
+                self.relay.close()
+        return self.report
+
+    async def _run(self) -> None:
+        cfg = self.cfg
+        root = find_dump_root(cfg.pid)
+        self.report.mark("start")
+        self.addresses = list(cfg.move_ips)
+        if not self.addresses and cfg.auto_ips:
+            from phaul.engine import netaddr
+
+            self.addresses = list(netaddr.tree_bound_addresses(root.pids))
+        self.report.addresses = [str(a) for a in self.addresses]
+
+        reader, writer = await connect(cfg.host, cfg.port)
+        self.chan = Channel(reader, writer, on_log=self._target_log)
+        await client_handshake(self.chan, cfg.token)
+        self._phase(Phase.PREFLIGHT)
+        await self.chan.send(
+            pb.PreflightRequest(
+                migration_id=self.id,
+                criu_version=self.criu.version,
+                kernel=os.uname().release,
+                arch=os.uname().machine,
+                addresses=[pb.Address(cidr=str(a)) for a in self.addresses],
+                own_pidns=root.own_pidns,
+                pids=root.pids,
+            )
+        )
+        reply = await self.chan.recv(pb.PreflightReply, 60)
+        if reply.problems:
+            await self.chan.send(pb.Abort(reason="preflight failed"))
+            raise PreflightFailed("target refused: " + "; ".join(reply.problems))
+
+        await self.chan.send(
+            pb.Prepare(
+                migration_id=self.id,
+                addresses=[pb.Address(cidr=str(a)) for a in self.addresses],
+                fresh_pidns=not root.own_pidns,
+                tcp_established=True,
+            )
+        )
+        prep = await self.chan.recv(pb.PrepareReply, 60)
+        self._phase(Phase.DUMP)
+        self.images_dir.mkdir(parents=True)
+        page_reader, page_writer = await connect(cfg.host, cfg.port)
+        await client_handshake(
+            Channel(page_reader, page_writer),
+            cfg.token,
+            role="pages",
+            ticket=prep.page_ticket,
+            stream="criu",
+        )
+        self.relay = PageRelay(detach_socket(page_writer))
+        self.relay.start()
+        await self._dump(root)
+
+    async def _dump(self, root: DumpRoot) -> None:
+        from phaul.engine.criu_swrk import DumpOptions, Swrk
+
+        assert self.relay is not None
+        loop = asyncio.get_running_loop()
+        swrk = await asyncio.to_thread(Swrk.spawn, self.criu)
+
+        def on_notify(name: str, _notify: Any) -> bool:
+            if name == "pre-dump":
+                self.report.mark("freeze")
+                self.emit("freeze")
+                return True
+            if name != "post-dump":
+                return True
+            self.report.mark("dumped")
+            fut = asyncio.run_coroutine_threadsafe(self._at_post_dump(), loop)
+            try:
+                return fut.result()
+            except BaseException as err:  # noqa: BLE001 - any failure here means roll back
+                self.post_dump_error = err
+                return False
+
+        opts = DumpOptions(
+            pid=root.pid,
+            images_dir=self.images_dir,
+            tcp_established=True,
+            network_lock="nftables",
+            page_server_fd=self.relay.criu_end.fileno(),
+        )
+        dump_log = str(self.images_dir.parent / "dump.log")
+        self.report.logs["dump"] = dump_log
+        try:
+            result = await asyncio.to_thread(swrk.dump, opts, on_notify)
+        except PhaulError as err:
+            swrk.close()
+            self._keep_log()
+            await self._after_rollback()
+            if self.post_dump_error is not None:
+                cause = self.post_dump_error
+                if isinstance(cause, PhaulError):
+                    raise MigrationAborted(
+                        cause.message, phase=self.machine.phase.value, log_path=cause.log_path
+                    ) from cause
+                raise MigrationAborted(str(cause), phase=self.machine.phase.value) from cause
+            if self.committed:
+                raise
+            raise MigrationAborted(
+                f"CRIU dump failed: {err.message}", phase="dump", log_path=dump_log
+            ) from err
+        swrk.close()
+        self._keep_log()
+        self.report.criu_dump_stats = dict(getattr(result, "stats", {}) or {})
+        await self._after_commit()
+
+    def _keep_log(self) -> None:
+        src = self.images_dir / "dump.log"
+        with contextlib.suppress(OSError):
+            src.rename(self.images_dir.parent / "dump.log")
+
+    async def _at_post_dump(self) -> bool:
+        """Tree frozen and dumped: move images, restore on the target, commit or roll back."""
+        assert self.chan is not None and self.relay is not None
+        try:
+            if self.cfg.fault == "post-dump":
+                raise MigrationAborted("fault injected at post-dump", phase="dump")
+            done = await asyncio.to_thread(self.relay.wait, self.cfg.timeout)
+            if not done or self.relay.error is not None:
+                raise ConnectError(f"page stream to the target failed: {self.relay.error}")
+            self.report.page_bytes = self.relay.bytes_out
+            self.report.mark("pages_sent")
+            await self._send_images()
+            self.report.mark("images_sent")
+            self._phase(Phase.RESTORE)
+            await self.chan.send(pb.Restore(network_lock="nftables"))
+            restored = await self.chan.recv(pb.Restored, self.cfg.timeout)
+            self.report.mark("restored")
+            self.report.target_pid = restored.root_pid
+            if self.cfg.fault == "before-commit":
+                raise MigrationAborted("fault injected before commit", phase="restore")
+        except BaseException as err:
+            with contextlib.suppress(Exception):
+                await self.chan.send(pb.Abort(reason=str(err)[:200]))
+            raise
+        self._phase(Phase.COMMIT)
+        self.commit_sent = True
+        await self.chan.send(pb.Commit())
+        try:
+            done_msg = await self.chan.recv(pb.Committed, COMMIT_ACK_TIMEOUT)
+        except (PhaulError, ConnectionError, OSError, TimeoutError) as err:
+            log.warning("no Committed from the target (%s): asking it directly", err)
+            return await self._resolve_commit()
+        self.report.mark("running")
+        self.report.target_pid = done_msg.root_pid
+        self.report.criu_restore_stats = dict(done_msg.criu_stats)
+        self.committed = True
+        return True
+
+    async def _resolve_commit(self) -> bool:
+        """Commit was sent but not acknowledged: ask the agent what became of the migration."""
+        deadline = time.monotonic() + STATUS_RETRY_SECONDS
+        while time.monotonic() < deadline:
+            try:
+                reader, writer = await connect(self.cfg.host, self.cfg.port, timeout=5)
+                chan = Channel(reader, writer)
+                await client_handshake(chan, self.cfg.token, role="status")
+                await chan.send(pb.StatusQuery(migration_id=self.id))
+                status = await chan.recv(pb.Status, 10)
+                await chan.close()
+            except (PhaulError, OSError, TimeoutError) as err:
+                log.warning("status query failed (%s), retrying", err)
+                await asyncio.sleep(1)
+                continue
+            if status.phase in (Phase.DONE.value, Phase.COMMIT.value):
+                self.report.mark("running")
+                self.report.target_pid = status.root_pid
+                self.committed = True
+                return True
+            return False
+        self.post_dump_error = CommitUncertain(
+            "the target did not confirm the commit and cannot be reached: the tree resumes here; "
+            "check the target for a second copy before restarting anything"
+        )
+        return False
+
+    async def _send_images(self) -> None:
+        assert self.chan is not None
+        files = 0
+        total = 0
+        for path in sorted(self.images_dir.iterdir()):
+            if path.suffix == ".log" or not path.is_file():
+                continue
+            data = path.read_bytes()
+            files += 1
+            total += len(data)
+            for off in range(0, max(len(data), 1), IMAGE_CHUNK):
+                chunk = data[off : off + IMAGE_CHUNK]
+                last = off + IMAGE_CHUNK >= len(data)
+                await self.chan.send(pb.ImageFile(name=path.name, data=chunk, last=last))
+        await self.chan.send(pb.ImagesDone(files=files, bytes=total))
+        self.report.image_bytes = total
+
+    async def _after_commit(self) -> None:
+        from phaul.engine import netaddr
+
+        for iface in self.addresses:
+            try:
+                netaddr.remove_address(iface, netaddr.device_for(iface))
+            except PhaulError as err:
+                log.warning("could not remove %s from the source: %s", iface, err)
+        with contextlib.suppress(PhaulError, OSError):
+            netaddr.remove_criu_lock_tables(None)
+        self._phase(Phase.DONE)
+        self._timings()
+
+    async def _after_rollback(self) -> None:
+        self.machine.phase = Phase.ROLLED_BACK
+        self.report.phase_reached = self.report.phase_reached or Phase.ROLLED_BACK.value
+        self._timings()
+
+    def _timings(self) -> None:
+        r = self.report
+        r.span("connect+preflight", "start", "dump")
+        r.span("dump", "freeze", "dumped")
+        r.span("pages", "dumped", "pages_sent")
+        r.span("images", "pages_sent", "images_sent")
+        r.span("restore", "images_sent", "restored")
+        r.span("commit", "restored", "running")
+        freeze, running = r.at("freeze"), r.at("running")
+        if freeze is not None and running is not None:
+            r.downtime_ms = round((running - freeze) * 1000, 1)
+        r.bytes_on_wire = (self.chan.bytes_sent + self.chan.bytes_received if self.chan else 0) + (
+            self.relay.bytes_out + self.relay.bytes_in if self.relay else 0
+        )
+
+    def _target_log(self, msg: pb.Log) -> None:
+        log.info("target: %s", msg.text)
+
+
+def _parse_ips(values: list[str]) -> tuple[ipaddress.IPv4Interface, ...]:
+    out = []
+    for v in values:
+        if "/" not in v:
+            raise UsageError(f"--move-ip {v}: give the prefix length too, e.g. {v}/24")
+        try:
+            out.append(ipaddress.IPv4Interface(v))
+        except ValueError as err:
+            raise UsageError(f"--move-ip {v}: not an IPv4 address with prefix") from err
+    return tuple(out)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    host, port = parse_hostport(args.to)
+    proctree.validate_migratable(args.pid)
+    token = load_token(args.token_file)
+    criu = find_criu(args.criu)
+    cfg = MigrateConfig(
+        pid=args.pid,
+        host=host,
+        port=port,
+        token=token,
+        workdir=Path(args.workdir),
+        move_ips=_parse_ips(args.move_ip),
+        auto_ips=not args.no_move_ip,
+        timeout=args.timeout,
+        criu_path=args.criu,
+    )
+
+    def emit(event: str, **kw: Any) -> None:
+        if args.json:
+            print(json.dumps({"event": event, "t": time.time(), **kw}), flush=True)
+
+    mig = SourceMigration(cfg, criu, emit)
+    try:
+        report = asyncio.run(mig.run())
+    except PhaulError:
+        if args.report:
+            mig.report.write(args.report)
+        if not args.json:
+            print(mig.report.summary(), file=sys.stderr)
+        raise
+    if args.report:
+        report.write(args.report)
+    if args.json:
+        emit("done", report=report.to_json())
+    else:
+        print(report.summary())
+    return 0

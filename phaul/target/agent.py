@@ -1,0 +1,171 @@
+"""``phaul agent``: accept authenticated connections and run one TargetSession per migration.
+
+Every connection authenticates first (phaul.protocol.auth); until then the agent reads at most
+one small Hello frame. Control connections become sessions; page connections join the session
+whose ticket they present; status connections ask what became of a migration (a source that
+lost its connection right after saying Commit asks here instead of guessing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from phaul.engine.criu_locate import CriuBinary, find_criu
+from phaul.errors import PhaulError, ProtocolError
+from phaul.pb import phaul_pb2 as pb
+from phaul.phase import Phase
+from phaul.protocol.auth import load_token, server_handshake
+from phaul.protocol.framing import Channel
+from phaul.target.session import TargetSession
+from phaul.transport.tcp import detach_socket, parse_hostport
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    host: str
+    port: int
+    token: bytes
+    workdir: Path
+    ip_dev: str | None = None
+    max_sessions: int = 4
+    max_image_bytes: int = 0  # 0: no quota
+    handshake_timeout: float = 10.0
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, criu: CriuBinary) -> None:
+        self.config = config
+        self.criu = criu
+        self.agent_id = secrets.token_hex(4)
+        self.sessions: set[TargetSession] = set()
+        self.tickets: dict[bytes, TargetSession] = {}
+        self.outcomes: dict[str, tuple[Phase, int]] = {}
+        self.server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # --- bookkeeping used by sessions ---------------------------------------------------------
+    def record(self, migration_id: str, phase: Phase, root_pid: int) -> None:
+        if migration_id:
+            self.outcomes[migration_id] = (phase, root_pid)
+
+    def register_ticket(self, ticket: bytes, session: TargetSession) -> None:
+        self.tickets[ticket] = session
+
+    def unregister_ticket(self, ticket: bytes) -> None:
+        self.tickets.pop(ticket, None)
+
+    def forget(self, session: TargetSession) -> None:
+        self.sessions.discard(session)
+        if session.ticket:
+            self.tickets.pop(session.ticket, None)
+
+    def adopt(self, pid: int) -> None:
+        """Reap a restored tree's root when it exits (it is our child through rst_sibling)."""
+
+        def wait() -> None:
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(pid, 0)
+
+        threading.Thread(target=wait, name=f"reap-{pid}", daemon=True).start()
+
+    # --- serving ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.config.workdir.mkdir(parents=True, exist_ok=True)
+        self.server = await asyncio.start_server(self._accept, self.config.host, self.config.port)
+        addrs = ", ".join(str(s.getsockname()) for s in self.server.sockets)
+        log.info("agent %s listening on %s (CRIU %s)", self.agent_id, addrs, self.criu.version)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await self._handle(reader, writer)
+        finally:
+            self._tasks.discard(task)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = str(writer.get_extra_info("peername"))
+        chan = Channel(reader, writer, max_frame=64 << 10)  # small until authenticated
+        try:
+            hello = await server_handshake(chan, self.config.token, self.agent_id)
+        except (PhaulError, TimeoutError) as err:
+            perr = err if isinstance(err, PhaulError) else ProtocolError("handshake timed out")
+            log.warning("refused connection from %s: %s", peer, perr)
+            await chan.send_error(perr)
+            await chan.close()
+            return
+        except (ConnectionError, OSError) as err:
+            log.info("connection from %s lost during handshake: %s", peer, err)
+            await chan.close()
+            return
+        chan.max_frame = 4 << 20
+        if hello.role == "control":
+            if len(self.sessions) >= self.config.max_sessions:
+                await chan.send_error(ProtocolError("agent busy: too many concurrent migrations"))
+                await chan.close()
+                return
+            session = TargetSession(self, chan, peer)
+            self.sessions.add(session)
+            await session.run()
+        elif hello.role == "pages":
+            target = self.tickets.get(hello.ticket)
+            if target is None:
+                await chan.send_error(ProtocolError("unknown or expired page ticket"))
+                await chan.close()
+                return
+            sock = detach_socket(writer)
+            try:
+                await target.attach_page_stream(sock, hello.stream)
+            except (PhaulError, OSError) as err:
+                log.warning("page stream from %s failed: %s", peer, err)
+        elif hello.role == "status":
+            try:
+                query = await chan.recv(pb.StatusQuery, 10)
+                phase, pid = self.outcomes.get(query.migration_id, (None, 0))
+                await chan.send(
+                    pb.Status(
+                        migration_id=query.migration_id,
+                        phase=phase.value if phase else "",
+                        root_pid=pid,
+                    )
+                )
+            except (PhaulError, TimeoutError, ConnectionError, OSError) as err:
+                log.info("status query from %s failed: %s", peer, err)
+            await chan.close()
+        else:
+            await chan.send_error(ProtocolError(f"unknown role {hello.role!r}"))
+            await chan.close()
+
+    async def serve_forever(self) -> None:
+        await self.start()
+        assert self.server is not None
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        async with self.server:
+            await stop.wait()
+        log.info("agent stopping")
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    host, port = parse_hostport(args.listen)
+    token = load_token(args.token_file)
+    criu = find_criu(args.criu)
+    config = AgentConfig(
+        host=host, port=port, token=token, workdir=Path(args.workdir), ip_dev=args.ip_dev
+    )
+    asyncio.run(Agent(config, criu).serve_forever())
+    return 0

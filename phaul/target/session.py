@@ -1,0 +1,348 @@
+"""One migration as seen by the target agent: images in, restore, hold at pre-resume, commit.
+
+Phase by phase (phaul.phase.Phase):
+- PREFLIGHT: checks only (CRIU, addresses, disk); nothing is created.
+- DUMP: a work directory with the images dir is created, a restore CRIU is spawned ahead of time
+  and a gratuitous-ARP socket is opened; the page stream (CRIU's page-server protocol, on its own
+  authenticated connection) and the image files arrive.
+- RESTORE: the addresses are added, CRIU restores the tree and stops at its ``pre-resume``
+  notify: the tree exists but has not run. We answer ``Restored`` and wait for the source.
+- COMMIT: on ``Commit`` a gratuitous ARP goes out for every moved address and CRIU resumes the
+  tree; ``Committed`` is sent. On ``Abort``, a lost connection or a timeout, the addresses are
+  withdrawn first (so the never-run tree's sockets cannot reset the peer), then CRIU kills the
+  tree: ROLLED_BACK.
+Undo steps are pushed on an AsyncExitStack as they are taken, so every failure unwinds the same
+way; a commit pops them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from phaul.errors import MigrationAborted, PhaulError, ProtocolError
+from phaul.pb import phaul_pb2 as pb
+from phaul.phase import Phase, PhaseMachine
+from phaul.protocol.framing import Channel
+
+if TYPE_CHECKING:
+    import socket
+
+    from phaul.target.agent import Agent
+
+log = logging.getLogger(__name__)
+
+IMAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,120}$")
+PRE_RESUME_TIMEOUT = 60.0
+STEP_TIMEOUT = 120.0
+
+
+class TargetSession:
+    """Drives one migration on the target; created for an authenticated control connection."""
+
+    def __init__(self, agent: Agent, chan: Channel, peer: str) -> None:
+        self.agent = agent
+        self.chan = chan
+        self.peer = peer
+        self.machine = PhaseMachine(Phase.HANDSHAKE)
+        self.migration_id = ""
+        self.ticket = b""
+        self.workdir: Path | None = None
+        self.images_dir: Path | None = None
+        self.addresses: list[tuple[ipaddress.IPv4Interface, str]] = []
+        self.fresh_pidns = False
+        self.page_stats: Any = None
+        self.page_done: asyncio.Future[Any] | None = None
+        self.image_bytes = 0
+        self.root_pid = 0
+        self.swrk: Any = None
+        self.garp: dict[str, Any] = {}
+        self.log = logging.LoggerAdapter(log, {"side": "target"})
+
+    @property
+    def phase(self) -> Phase:
+        return self.machine.phase
+
+    # --- driver ---------------------------------------------------------------------------------
+    async def run(self) -> None:
+        try:
+            async with AsyncExitStack() as undo:
+                await self._preflight()
+                await self._prepare(undo)
+                await self._receive_images()
+                await self._restore_and_commit(undo)
+                undo.pop_all()  # committed: nothing may be undone any more
+        except PhaulError as err:
+            self._note_failure(err)
+            await self.chan.send_error(err, self.phase.value)
+        except (ConnectionError, OSError, TimeoutError) as err:
+            self._note_failure(err)
+        finally:
+            self._cleanup_files()
+            for sock in self.garp.values():
+                sock.close()
+            if self.swrk is not None:
+                self.swrk.close()
+            self.agent.forget(self)
+            await self.chan.close()
+
+    def _note_failure(self, err: BaseException) -> None:
+        if self.phase not in (Phase.COMMIT, Phase.DONE):
+            if self.phase is not Phase.HANDSHAKE:
+                self.machine.phase = Phase.ROLLED_BACK  # terminal, recorded for status queries
+            self.log.warning("migration %s rolled back in target: %s", self.migration_id, err)
+        else:
+            self.log.error("migration %s failed after commit: %s", self.migration_id, err)
+        self.agent.record(self.migration_id, self.phase, self.root_pid)
+
+    # --- phases ---------------------------------------------------------------------------------
+    async def _preflight(self) -> None:
+        req = await self.chan.recv(pb.PreflightRequest, STEP_TIMEOUT)
+        self.machine.advance(Phase.PREFLIGHT)
+        self.migration_id = req.migration_id
+        if not re.fullmatch(r"[A-Za-z0-9-]{1,64}", self.migration_id):
+            raise ProtocolError("malformed migration id")
+        self.agent.record(self.migration_id, self.phase, 0)
+        problems: list[str] = []
+        from phaul.engine import netaddr
+
+        for addr in req.addresses:
+            try:
+                iface = ipaddress.IPv4Interface(addr.cidr)
+            except ValueError:
+                problems.append(f"bad address {addr.cidr!r}")
+                continue
+            if any(iface.ip == a.ip for a in netaddr.local_addresses()):
+                problems.append(f"address {iface.ip} is already configured on the target")
+        missing = [f for f in req.files if not Path(f).exists()]
+        if missing:
+            problems.append(
+                "files the tree uses are missing on the target: " + ", ".join(missing[:5])
+            )
+        free = shutil.disk_usage(self.agent.config.workdir).free
+        await self.chan.send(
+            pb.PreflightReply(
+                problems=problems,
+                criu_version=self.agent.criu.version,
+                kernel=os.uname().release,
+                free_bytes=free,
+            )
+        )
+
+    async def _prepare(self, undo: AsyncExitStack) -> None:
+        from phaul.engine import netaddr
+        from phaul.engine.criu_swrk import Swrk
+        from phaul.engine.garp import GarpSender
+
+        msg = await self.chan.recv_any(STEP_TIMEOUT)
+        if isinstance(msg, pb.Abort):
+            raise MigrationAborted("source cancelled after preflight", phase=self.phase.value)
+        if not isinstance(msg, pb.Prepare):
+            raise ProtocolError(f"expected Prepare, peer sent {msg.DESCRIPTOR.name}")
+        self.machine.advance(Phase.DUMP)
+        self.agent.record(self.migration_id, self.phase, 0)
+        self.fresh_pidns = msg.fresh_pidns
+        self.workdir = self.agent.config.workdir / self.migration_id
+        self.workdir.mkdir(parents=True, exist_ok=False)
+        self.images_dir = self.workdir / "images"
+        self.images_dir.mkdir()
+        for addr in msg.addresses:
+            iface = ipaddress.IPv4Interface(addr.cidr)
+            dev = addr.dev or self.agent.config.ip_dev or netaddr.device_for(iface)
+            self.addresses.append((iface, dev))
+            if dev not in self.garp:
+                self.garp[dev] = GarpSender(dev)
+        # Spawned now so that its start-up is not part of the freeze.
+        self.swrk = await asyncio.to_thread(
+            Swrk.spawn, self.agent.criu, fresh_pidns=self.fresh_pidns
+        )
+        self.ticket = os.urandom(32)
+        loop = asyncio.get_running_loop()
+        self.page_done = loop.create_future()
+        self.agent.register_ticket(self.ticket, self)
+        undo.callback(self.agent.unregister_ticket, self.ticket)
+        await self.chan.send(pb.PrepareReply(page_ticket=self.ticket, workdir=str(self.workdir)))
+
+    async def attach_page_stream(self, sock: socket.socket, stream: str) -> None:
+        """Called by the agent for an authenticated page connection presenting our ticket."""
+        from phaul.page_server.store import CriuPageReceiver
+
+        assert self.page_done is not None and self.images_dir is not None
+        try:
+            if stream != "criu":
+                raise ProtocolError(f"unknown page stream kind {stream!r}")
+            if self.phase is not Phase.DUMP or self.page_done.done():
+                raise ProtocolError("page stream not expected now")
+            receiver = CriuPageReceiver(
+                self.images_dir, max_bytes=self.agent.config.max_image_bytes
+            )
+            stats = await asyncio.to_thread(receiver.serve, sock)
+            if not self.page_done.done():
+                self.page_done.set_result(stats)
+        except BaseException as err:
+            if not self.page_done.done():
+                self.page_done.set_exception(err)
+            raise
+        finally:
+            sock.close()
+
+    async def _receive_images(self) -> None:
+        assert self.images_dir is not None and self.page_done is not None
+        open_files: dict[str, Any] = {}
+        try:
+            while True:
+                msg = await self.chan.recv_any(STEP_TIMEOUT)
+                if isinstance(msg, pb.ImageFile):
+                    self._write_image_chunk(msg, open_files)
+                elif isinstance(msg, pb.ImagesDone):
+                    break
+                elif isinstance(msg, pb.Abort):
+                    raise MigrationAborted(f"source aborted: {msg.reason}", phase=self.phase.value)
+                else:
+                    raise ProtocolError(f"unexpected {msg.DESCRIPTOR.name} while receiving images")
+        finally:
+            for f in open_files.values():
+                f.close()
+        if open_files:
+            raise ProtocolError("image files left incomplete")
+        self.page_stats = await asyncio.wait_for(self.page_done, STEP_TIMEOUT)
+
+    def _write_image_chunk(self, msg: pb.ImageFile, open_files: dict[str, Any]) -> None:
+        assert self.images_dir is not None
+        if not IMAGE_NAME.match(msg.name) or msg.name.startswith(("pages-", "pagemap-")):
+            raise ProtocolError(f"refusing image file name {msg.name!r}")
+        self.image_bytes += len(msg.data)
+        limit = self.agent.config.max_image_bytes
+        if limit and self.image_bytes > limit:
+            raise ProtocolError("image quota exceeded")
+        f = open_files.get(msg.name)
+        if f is None:
+            path = self.images_dir / msg.name
+            if path.exists():
+                raise ProtocolError(f"image file {msg.name} sent twice")
+            f = open_files[msg.name] = open(path, "xb")  # noqa: SIM115 (closed below / finally)
+        f.write(msg.data)
+        if msg.last:
+            f.close()
+            del open_files[msg.name]
+
+    async def _restore_and_commit(self, undo: AsyncExitStack) -> None:
+        from phaul.engine import netaddr
+        from phaul.engine.criu_swrk import RestoreOptions
+
+        assert self.images_dir is not None
+        req = await self.chan.recv_any(STEP_TIMEOUT)
+        if isinstance(req, pb.Abort):
+            raise MigrationAborted(f"source aborted: {req.reason}", phase=self.phase.value)
+        if not isinstance(req, pb.Restore):
+            raise ProtocolError(f"expected Restore, peer sent {req.DESCRIPTOR.name}")
+        self.machine.advance(Phase.RESTORE)
+        self.agent.record(self.migration_id, self.phase, 0)
+        # The addresses must be here before CRIU restores sockets bound to them.
+        for iface, dev in self.addresses:
+            netaddr.add_address(iface, dev)
+            undo.callback(self._withdraw_address, iface, dev)
+
+        loop = asyncio.get_running_loop()
+        decided = threading.Event()
+        t0 = time.monotonic()
+        timings: dict[str, float] = {}
+
+        def on_notify(name: str, notify: Any) -> bool:
+            if name == "post-restore":
+                self.root_pid = int(getattr(notify, "pid", 0) or self.root_pid)
+            if name != "pre-resume":
+                return True
+            timings["pre_resume"] = time.monotonic()
+            fut = asyncio.run_coroutine_threadsafe(self._at_pre_resume(timings), loop)
+            try:
+                ok = fut.result(PRE_RESUME_TIMEOUT + 5)
+            except BaseException:
+                self.log.exception("pre-resume decision failed")
+                ok = False
+            decided.set()
+            return ok
+
+        opts = RestoreOptions(images_dir=self.images_dir)
+        try:
+            result = await asyncio.to_thread(self.swrk.restore, opts, on_notify, STEP_TIMEOUT)
+        except PhaulError:
+            if self.phase is Phase.COMMIT:
+                # Committed but CRIU failed while resuming: nothing to roll back to any more.
+                self.log.error("restore failed after commit")
+            raise
+        if self.phase is not Phase.COMMIT:
+            raise MigrationAborted("restore finished without a commit", phase=self.phase.value)
+        self.root_pid = result.pid
+        self.agent.adopt(result.pid)
+        resume_ms = int((time.monotonic() - timings.get("commit", t0)) * 1000)
+        self.machine.advance(Phase.DONE)
+        self.agent.record(self.migration_id, self.phase, self.root_pid)
+        undo.pop_all()
+        with contextlib.suppress(ConnectionError, OSError):
+            await self.chan.send(
+                pb.Committed(root_pid=result.pid, resume_ms=resume_ms, criu_stats=result.stats)
+            )
+        self.log.info(
+            "migration %s done: tree runs as PID %d (restore %.0f ms)",
+            self.migration_id,
+            result.pid,
+            (time.monotonic() - t0) * 1000,
+        )
+
+    async def _at_pre_resume(self, timings: dict[str, float]) -> bool:
+        """The tree is restored and has not run: ask the source, then resume or not."""
+        await self.chan.send(
+            pb.Restored(
+                root_pid=self.root_pid,
+                restore_ms=0,
+                page_bytes=getattr(self.page_stats, "bytes", 0),
+            )
+        )
+        try:
+            msg = await self.chan.recv_any(PRE_RESUME_TIMEOUT)
+        except (PhaulError, ConnectionError, OSError, TimeoutError) as err:
+            self.log.warning("no commit from the source (%s): rolling back", err)
+            self._withdraw_all()
+            return False
+        if not isinstance(msg, pb.Commit):
+            self.log.warning("source sent %s instead of Commit: rolling back", msg.DESCRIPTOR.name)
+            self._withdraw_all()
+            return False
+        self.machine.advance(Phase.COMMIT)
+        timings["commit"] = time.monotonic()
+        self.agent.record(self.migration_id, self.phase, self.root_pid)
+        for iface, dev in self.addresses:
+            self.garp[dev].send(iface.ip)
+        return True
+
+    # --- undo -----------------------------------------------------------------------------------
+    def _withdraw_address(self, iface: ipaddress.IPv4Interface, dev: str) -> None:
+        from phaul.engine import netaddr
+
+        try:
+            netaddr.remove_address(iface, dev)
+        except Exception:
+            self.log.exception("could not remove %s from %s", iface, dev)
+
+    def _withdraw_all(self) -> None:
+        for iface, dev in self.addresses:
+            self._withdraw_address(iface, dev)
+
+    def _cleanup_files(self) -> None:
+        if self.images_dir is not None and self.workdir is not None:
+            # CRIU writes its logs into the images dir: keep them, drop the (large) images.
+            for logfile in self.images_dir.glob("*.log"):
+                with contextlib.suppress(OSError):
+                    logfile.rename(self.workdir / logfile.name)
+            shutil.rmtree(self.images_dir, ignore_errors=True)

@@ -42,6 +42,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
+def fault(name: str) -> None:
+    """Named fault-injection point (PHAUL_FAULT=name), as CRIU's CRIU_FAULT: for rollback tests.
+
+    ``target-exit-after-images``: the agent process dies at once (as if killed);
+    ``target-fail-restore``: the restore fails as if CRIU had failed.
+    """
+    if os.environ.get("PHAUL_FAULT") != name:
+        return
+    log.warning("fault injected: %s", name)
+    if name.startswith("target-exit"):
+        os._exit(70)
+    raise MigrationAborted(f"fault injected: {name}", phase="restore")
+
+
 IMAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,120}$")
 PRE_RESUME_TIMEOUT = 60.0
 STEP_TIMEOUT = 120.0
@@ -216,6 +231,7 @@ class TargetSession:
         if open_files:
             raise ProtocolError("image files left incomplete")
         self.page_stats = await asyncio.wait_for(self.page_done, STEP_TIMEOUT)
+        fault("target-exit-after-images")
 
     def _write_image_chunk(self, msg: pb.ImageFile, open_files: dict[str, Any]) -> None:
         assert self.images_dir is not None
@@ -248,6 +264,7 @@ class TargetSession:
             raise ProtocolError(f"expected Restore, peer sent {req.DESCRIPTOR.name}")
         self.machine.advance(Phase.RESTORE)
         self.agent.record(self.migration_id, self.phase, 0)
+        fault("target-fail-restore")
         # The addresses must be here before CRIU restores sockets bound to them.
         for iface, dev in self.addresses:
             netaddr.add_address(iface, dev)

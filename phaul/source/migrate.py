@@ -46,7 +46,9 @@ from phaul.protocol.auth import client_handshake, load_token
 from phaul.protocol.framing import IMAGE_CHUNK, Channel
 from phaul.source.pagerelay import PageRelay
 from phaul.source.report import Report
-from phaul.transport.tcp import connect, detach_socket, parse_hostport
+from phaul.transport import Dialer, TcpDialer
+from phaul.transport.bridge import Bridge, page_socket
+from phaul.transport.tcp import parse_hostport
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +59,7 @@ STATUS_RETRY_SECONDS = 30.0
 @dataclass(frozen=True)
 class MigrateConfig:
     pid: int
-    host: str
-    port: int
+    target: str  # as the operator wrote it, for the report
     token: bytes
     workdir: Path
     move_ips: tuple[ipaddress.IPv4Interface, ...] = ()
@@ -94,12 +95,15 @@ def find_dump_root(pid: int) -> DumpRoot:
 
 
 class SourceMigration:
-    def __init__(self, cfg: MigrateConfig, criu: CriuBinary, emit: Any = None) -> None:
+    def __init__(
+        self, cfg: MigrateConfig, criu: CriuBinary, dialer: Dialer, emit: Any = None
+    ) -> None:
         self.cfg = cfg
         self.criu = criu
+        self.dialer = dialer
         self.id = uuid.uuid4().hex[:12]
         self.machine = PhaseMachine(Phase.HANDSHAKE)
-        self.report = Report(self.id, cfg.pid, f"{cfg.host}:{cfg.port}")
+        self.report = Report(self.id, cfg.pid, cfg.target)
         self.emit = emit or (lambda event, **kw: None)
         self.chan: Channel | None = None
         self.addresses: list[ipaddress.IPv4Interface] = []
@@ -108,6 +112,7 @@ class SourceMigration:
         self.commit_sent = False
         self.post_dump_error: BaseException | None = None
         self.relay: PageRelay | None = None
+        self.bridge: Bridge | None = None
 
     def _phase(self, to: Phase) -> None:
         self.machine.advance(to)
@@ -130,6 +135,9 @@ class SourceMigration:
                 await self.chan.close()
             if self.relay is not None:
                 self.relay.close()
+            if self.bridge is not None:
+                await self.bridge.close()
+            await self.dialer.close()
         return self.report
 
     async def _run(self) -> None:
@@ -143,7 +151,7 @@ class SourceMigration:
             self.addresses = list(netaddr.tree_bound_addresses(root.pids))
         self.report.addresses = [str(a) for a in self.addresses]
 
-        reader, writer = await connect(cfg.host, cfg.port)
+        reader, writer = await self.dialer.open()
         self.chan = Channel(reader, writer, on_log=self._target_log)
         await client_handshake(self.chan, cfg.token)
         self._phase(Phase.PREFLIGHT)
@@ -174,7 +182,7 @@ class SourceMigration:
         prep = await self.chan.recv(pb.PrepareReply, 60)
         self._phase(Phase.DUMP)
         self.images_dir.mkdir(parents=True)
-        page_reader, page_writer = await connect(cfg.host, cfg.port)
+        page_reader, page_writer = await self.dialer.open()
         await client_handshake(
             Channel(page_reader, page_writer),
             cfg.token,
@@ -182,7 +190,8 @@ class SourceMigration:
             ticket=prep.page_ticket,
             stream="criu",
         )
-        self.relay = PageRelay(detach_socket(page_writer))
+        sock, self.bridge = await page_socket(page_reader, page_writer)
+        self.relay = PageRelay(sock)
         self.relay.start()
         await self._dump(root)
 
@@ -288,7 +297,7 @@ class SourceMigration:
         deadline = time.monotonic() + STATUS_RETRY_SECONDS
         while time.monotonic() < deadline:
             try:
-                reader, writer = await connect(self.cfg.host, self.cfg.port, timeout=5)
+                reader, writer = await asyncio.wait_for(self.dialer.open(), 10)
                 chan = Channel(reader, writer)
                 await client_handshake(chan, self.cfg.token, role="status")
                 await chan.send(pb.StatusQuery(migration_id=self.id))
@@ -376,15 +385,20 @@ def _parse_ips(values: list[str]) -> tuple[ipaddress.IPv4Interface, ...]:
     return tuple(out)
 
 
-def cmd_migrate(args: argparse.Namespace) -> int:
+def make_dialer(args: argparse.Namespace) -> Dialer:
+    """The transport for ``--to``: HOST:PORT (token over TCP)."""
     host, port = parse_hostport(args.to)
+    return TcpDialer(host, port)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    dialer = make_dialer(args)
     proctree.validate_migratable(args.pid)
     token = load_token(args.token_file)
     criu = find_criu(args.criu)
     cfg = MigrateConfig(
         pid=args.pid,
-        host=host,
-        port=port,
+        target=args.to,
         token=token,
         workdir=Path(args.workdir),
         move_ips=_parse_ips(args.move_ip),
@@ -397,7 +411,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"event": event, "t": time.time(), **kw}), flush=True)
 
-    mig = SourceMigration(cfg, criu, emit)
+    mig = SourceMigration(cfg, criu, dialer, emit)
     try:
         report = asyncio.run(mig.run())
     except PhaulError:

@@ -26,7 +26,8 @@ from phaul.phase import Phase
 from phaul.protocol.auth import load_token, server_handshake
 from phaul.protocol.framing import Channel
 from phaul.target.session import TargetSession
-from phaul.transport.tcp import detach_socket, parse_hostport
+from phaul.transport.bridge import page_socket
+from phaul.transport.tcp import parse_hostport
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +126,14 @@ class Agent:
                 await chan.send_error(ProtocolError("unknown or expired page ticket"))
                 await chan.close()
                 return
-            sock = detach_socket(writer)
+            sock, bridge = await page_socket(reader, writer)
             try:
                 await target.attach_page_stream(sock, hello.stream)
             except (PhaulError, OSError) as err:
                 log.warning("page stream from %s failed: %s", peer, err)
+            finally:
+                if bridge is not None:
+                    await bridge.close()
         elif hello.role == "status":
             try:
                 query = await chan.recv(pb.StatusQuery, 10)

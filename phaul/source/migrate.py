@@ -23,6 +23,7 @@ import ipaddress
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 import uuid
@@ -344,12 +345,17 @@ class SourceMigration:
                 netaddr.remove_address(iface, netaddr.device_for(iface))
             except PhaulError as err:
                 log.warning("could not remove %s from the source: %s", iface, err)
-        with contextlib.suppress(PhaulError, OSError):
-            netaddr.remove_criu_lock_tables(None)
+        try:
+            # Only this dump's lock table: a concurrent migration's must stay.
+            netaddr.remove_criu_lock_tables(netaddr.run_id_from_images(self.images_dir))
+        except PhaulError as err:
+            log.warning("could not remove CRIU's network lock table: %s", err)
         self._phase(Phase.DONE)
         self._timings()
+        shutil.rmtree(self.images_dir, ignore_errors=True)
 
     async def _after_rollback(self) -> None:
+        shutil.rmtree(self.images_dir, ignore_errors=True)
         self.machine.phase = Phase.ROLLED_BACK
         self.report.phase_reached = self.report.phase_reached or Phase.ROLLED_BACK.value
         self._timings()

@@ -24,6 +24,7 @@ handed out by :meth:`Lab.vip` start at ``.100``.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import ipaddress
 import json
 import os
@@ -32,11 +33,16 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
 
 NETNS_DIR = Path("/run/netns")
 RESERVE_DIR = Path("/run/phaul-lab")
@@ -220,6 +226,34 @@ class Host:
     def argv(self, argv: Sequence[str]) -> list[str]:
         """``argv`` prefixed so that it runs in this host's network namespace."""
         return ["nsenter", f"--net={self.netns_path}", "--", *argv]
+
+    def call(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        """Run ``fn(*args, **kw)`` in a new thread that joined this host's network namespace.
+
+        Sockets, netlink and child processes created by that thread belong to this host, as
+        they would in a phaul process running there. Exceptions propagate to the caller.
+        """
+        box: dict[str, Any] = {}
+
+        def body() -> None:
+            try:
+                fd = os.open(self.netns_path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    if _libc.setns(fd, CLONE_NEWNET) != 0:
+                        err = ctypes.get_errno()
+                        raise OSError(err, f"setns {self.netns_path}: {os.strerror(err)}")
+                finally:
+                    os.close(fd)
+                box["result"] = fn(*args, **kw)
+            except BaseException as err:
+                box["error"] = err
+
+        t = threading.Thread(target=body, name=f"netns-{self.name}")
+        t.start()
+        t.join()
+        if "error" in box:
+            raise box["error"]
+        return box["result"]  # type: ignore[no-any-return]
 
     def popen(self, argv: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:
         """Start ``argv`` in this host (new session); the lab kills and reaps it at teardown."""

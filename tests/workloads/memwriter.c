@@ -21,7 +21,9 @@
  *                    w I J K ...   rewrite pages I, J, K (generation + 1)   -> "ack N"
  *                    r I N         rewrite pages I .. I+N-1                 -> "ack N"
  *                    map N         mmap N new pages, fill them              -> "ack 0xADDR"
+ *                    sparse N STEP mmap N new pages, fill every STEP-th one   -> "ack 0xADDR"
  *                    unmap 0xADDR N                                          -> "ack 0"
+ *                    drop 0xADDR N madvise(MADV_DONTNEED) N pages            -> "ack 0"
  *                    v             verify now                               -> the result line
  *                    q             exit                                     -> "ack bye"
  *   -r RESULT      on SIGUSR1 (and on the "v" command): pause writers, verify every page against
@@ -312,6 +314,23 @@ static void lockstep_command(char *line)
 				fill_page((uint64_t *)((uint8_t *)m + i * PAGE), MAGIC2, i, 0);
 			fprintf(ack, "ack %p\n", m);
 		}
+	} else if (!strcmp(cmd, "sparse")) {
+		char *a = strtok_r(NULL, " \t\n", &save), *b = strtok_r(NULL, " \t\n", &save);
+		size_t n = a ? strtoull(a, NULL, 0) : 1, step = b ? strtoull(b, NULL, 0) : 1;
+		void *m = mmap(NULL, n * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1,
+			       0);
+		if (m == MAP_FAILED || !step) {
+			fprintf(ack, "err %d\n", errno);
+		} else {
+			for (size_t i = 0; i < n; i += step)
+				fill_page((uint64_t *)((uint8_t *)m + i * PAGE), MAGIC2, i, 0);
+			fprintf(ack, "ack %p\n", m);
+		}
+	} else if (!strcmp(cmd, "drop")) {
+		char *a = strtok_r(NULL, " \t\n", &save), *b = strtok_r(NULL, " \t\n", &save);
+		void *addr = (void *)(uintptr_t)(a ? strtoull(a, NULL, 0) : 0);
+		size_t n = b ? strtoull(b, NULL, 0) : 0;
+		fprintf(ack, madvise(addr, n * PAGE, MADV_DONTNEED) ? "err %d\n" : "ack 0\n", errno);
 	} else if (!strcmp(cmd, "unmap")) {
 		char *a = strtok_r(NULL, " \t\n", &save), *b = strtok_r(NULL, " \t\n", &save);
 		void *addr = (void *)(uintptr_t)(a ? strtoull(a, NULL, 0) : 0);

@@ -123,6 +123,30 @@ def local_addresses() -> list[ipaddress.IPv4Interface]:
     ]  # fmt: skip
 
 
+IFA_F_SECONDARY = 0x01
+
+
+def primary_addresses() -> set[ipaddress.IPv4Address]:
+    """The primary (first, non-secondary) IPv4 address of every device: the host's identity.
+
+    Service addresses that move with a workload are secondary addresses of a device; a host's
+    primary address is never moved automatically (a tree that connects out from it reports it).
+    """
+    with IPRoute() as ipr:
+        msgs = ipr.get_addr(family=socket.AF_INET)
+    return {
+        ipaddress.IPv4Address(m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS"))
+        for m in msgs
+        if not (int(m.get_attr("IFA_FLAGS") or m["flags"]) & IFA_F_SECONDARY)
+    }
+
+
+def movable_addresses(pids: Iterable[int]) -> list[ipaddress.IPv4Interface]:
+    """The addresses to move with the tree: bound by its sockets, secondary on this host."""
+    primary = primary_addresses()
+    return [a for a in tree_bound_addresses(pids) if a.ip not in primary]
+
+
 def tree_bound_addresses(pids: Iterable[int]) -> list[ipaddress.IPv4Interface]:
     """The IPv4 addresses the tree's TCP and UDP sockets are bound to, with their prefix.
 

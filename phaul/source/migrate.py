@@ -149,7 +149,7 @@ class SourceMigration:
         if not self.addresses and cfg.auto_ips:
             from phaul.engine import netaddr
 
-            self.addresses = list(netaddr.tree_bound_addresses(root.pids))
+            self.addresses = netaddr.movable_addresses(root.pids)
         self.report.addresses = [str(a) for a in self.addresses]
 
         reader, writer = await self.dialer.open()

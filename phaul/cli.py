@@ -168,6 +168,8 @@ def setup_logging(debug: bool, log_file: str | None) -> None:
     term.setLevel(logging.DEBUG if debug else logging.INFO)
     term.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(term)
+    for noisy in ("pyroute2", "asyncio", "asyncssh"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if log_file:
         fh = logging.FileHandler(log_file)
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -149,7 +149,7 @@ class SourceMigration:
         if not self.addresses and cfg.auto_ips:
             from phaul.engine import netaddr
 
-            self.addresses = netaddr.movable_addresses(root.pids)
+            self.addresses = await asyncio.to_thread(netaddr.movable_addresses, root.pids)
         self.report.addresses = [str(a) for a in self.addresses]
 
         reader, writer = await self.dialer.open()
@@ -201,7 +201,11 @@ class SourceMigration:
 
         assert self.relay is not None
         loop = asyncio.get_running_loop()
-        swrk = await asyncio.to_thread(Swrk.spawn, self.criu)
+        criu_fd = self.relay.criu_end.fileno()
+        swrk = await asyncio.to_thread(Swrk.spawn, self.criu, pass_fds=(criu_fd,))
+        # criu holds its own copy under the same number; ours must go, or CRIU closing the page
+        # stream would never reach the relay as end-of-file.
+        self.relay.release_criu_end()
 
         def on_notify(name: str, _notify: Any) -> bool:
             if name == "pre-dump":
@@ -223,7 +227,7 @@ class SourceMigration:
             images_dir=self.images_dir,
             tcp_established=True,
             network_lock="nftables",
-            page_server_fd=self.relay.criu_end.fileno(),
+            page_server_fd=criu_fd,
         )
         dump_log = str(self.images_dir.parent / "dump.log")
         self.report.logs["dump"] = dump_log
@@ -338,6 +342,13 @@ class SourceMigration:
         self.report.image_bytes = total
 
     async def _after_commit(self) -> None:
+        await asyncio.to_thread(self._release_network)
+        self._phase(Phase.DONE)
+        self._timings()
+        shutil.rmtree(self.images_dir, ignore_errors=True)
+
+    def _release_network(self) -> None:
+        """After the commit: the addresses leave the source, then CRIU's lock table goes."""
         from phaul.engine import netaddr
 
         for iface in self.addresses:
@@ -350,9 +361,6 @@ class SourceMigration:
             netaddr.remove_criu_lock_tables(netaddr.run_id_from_images(self.images_dir))
         except PhaulError as err:
             log.warning("could not remove CRIU's network lock table: %s", err)
-        self._phase(Phase.DONE)
-        self._timings()
-        shutil.rmtree(self.images_dir, ignore_errors=True)
 
     async def _after_rollback(self) -> None:
         shutil.rmtree(self.images_dir, ignore_errors=True)

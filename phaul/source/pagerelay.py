@@ -31,6 +31,10 @@ class PageRelay:
             threading.Thread(target=self._pump, args=(net, self.local, False), daemon=True),
         ]
 
+    def release_criu_end(self) -> None:
+        """Close our copy of CRIU's end once CRIU holds its own."""
+        self.criu_end.close()
+
     def start(self) -> None:
         for t in self._threads:
             t.start()

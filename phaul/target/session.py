@@ -131,13 +131,14 @@ class TargetSession:
         problems: list[str] = []
         from phaul.engine import netaddr
 
+        local = await asyncio.to_thread(netaddr.local_addresses)
         for addr in req.addresses:
             try:
                 iface = ipaddress.IPv4Interface(addr.cidr)
             except ValueError:
                 problems.append(f"bad address {addr.cidr!r}")
                 continue
-            if any(iface.ip == a.ip for a in netaddr.local_addresses()):
+            if any(iface.ip == a.ip for a in local):
                 problems.append(f"address {iface.ip} is already configured on the target")
         missing = [f for f in req.files if not Path(f).exists()]
         if missing:
@@ -173,7 +174,11 @@ class TargetSession:
         self.images_dir.mkdir()
         for addr in msg.addresses:
             iface = ipaddress.IPv4Interface(addr.cidr)
-            dev = addr.dev or self.agent.config.ip_dev or netaddr.device_for(iface)
+            dev = (
+                addr.dev
+                or self.agent.config.ip_dev
+                or await asyncio.to_thread(netaddr.device_for, iface)
+            )
             self.addresses.append((iface, dev))
             if dev not in self.garp:
                 self.garp[dev] = GarpSender(dev)
@@ -199,7 +204,7 @@ class TargetSession:
             if self.phase is not Phase.DUMP or self.page_done.done():
                 raise ProtocolError("page stream not expected now")
             receiver = CriuPageReceiver(
-                self.images_dir, max_bytes=self.agent.config.max_image_bytes
+                self.images_dir, max_bytes=self.agent.config.max_image_bytes or None
             )
             stats = await asyncio.to_thread(receiver.serve, sock)
             if not self.page_done.done():
@@ -267,8 +272,8 @@ class TargetSession:
         fault("target-fail-restore")
         # The addresses must be here before CRIU restores sockets bound to them.
         for iface, dev in self.addresses:
-            netaddr.add_address(iface, dev)
-            undo.callback(self._withdraw_address, iface, dev)
+            await asyncio.to_thread(netaddr.add_address, iface, dev)
+            undo.push_async_callback(asyncio.to_thread, self._withdraw_address, iface, dev)
 
         loop = asyncio.get_running_loop()
         decided = threading.Event()
@@ -301,7 +306,7 @@ class TargetSession:
         if self.phase is not Phase.COMMIT:
             raise MigrationAborted("restore finished without a commit", phase=self.phase.value)
         self.root_pid = result.pid
-        self.agent.adopt(result.pid)
+        self.agent.adopt(result.child_pid)
         resume_ms = int((time.monotonic() - timings.get("commit", t0)) * 1000)
         self.machine.advance(Phase.DONE)
         self.agent.record(self.migration_id, self.phase, self.root_pid)
@@ -330,11 +335,11 @@ class TargetSession:
             msg = await self.chan.recv_any(PRE_RESUME_TIMEOUT)
         except (PhaulError, ConnectionError, OSError, TimeoutError) as err:
             self.log.warning("no commit from the source (%s): rolling back", err)
-            self._withdraw_all()
+            await asyncio.to_thread(self._withdraw_all)
             return False
         if not isinstance(msg, pb.Commit):
             self.log.warning("source sent %s instead of Commit: rolling back", msg.DESCRIPTOR.name)
-            self._withdraw_all()
+            await asyncio.to_thread(self._withdraw_all)
             return False
         self.machine.advance(Phase.COMMIT)
         timings["commit"] = time.monotonic()

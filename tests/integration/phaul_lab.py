@@ -62,7 +62,7 @@ def start_agent(
     env: dict[str, str] | None = None,
     extra: list[str] | None = None,
 ) -> AgentProc:
-    workdir = lab.tmpfile(f"agent-{host.name}")
+    workdir = Path(lab.tmp) / f"agent-{host.name}-{os.urandom(3).hex()}"
     workdir.mkdir()
     log = lab.tmpfile(f"agent-{host.name}", ".log")
     full_env = {**os.environ, **(env or {})}
@@ -94,7 +94,7 @@ def migrate(
     timeout: float = 120,
 ) -> subprocess.CompletedProcess[str]:
     """Run `phaul migrate` on host ``src``; returns the completed process (not checked)."""
-    workdir = lab.tmpfile(f"src-{src.name}")
+    workdir = Path(lab.tmp) / f"src-{src.name}"
     workdir.mkdir(exist_ok=True)
     argv = [
         *PHAUL, "--debug", "migrate", str(pid), "--to", agent.address, "--token-file",

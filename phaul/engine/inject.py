@@ -255,6 +255,7 @@ class Injector:
         self._syscall_addr = 0
         self.swallowed: list[int] = []
         self._group_stopped = False
+        self.is_stopped = False
 
     # -- waiting -----------------------------------------------------------------------------
 
@@ -328,6 +329,7 @@ class Injector:
                 raise InjectionFailed(f"unexpected wait status {status:#x}")
             if status >> 16 == PTRACE_EVENT_STOP:
                 self._group_stopped = os.WSTOPSIG(status) != signal.SIGTRAP
+                self.is_stopped = True
                 return
             # Signal-delivery-stop (or a stray syscall stop): swallow and keep waiting.
             stopsig = os.WSTOPSIG(status)
@@ -535,3 +537,66 @@ def take_userfaultfd(pid: int, *, config: InjectConfig = InjectConfig()) -> int:
         return run_injected(pid, body, config=config)
     finally:
         os.close(pidfd)
+
+
+def run_frozen(
+    pid: int,
+    body: Callable[[], T],
+    *,
+    config: InjectConfig = InjectConfig(),  # noqa: B008 - frozen, immutable default
+) -> T:
+    """Stop every thread of ``pid`` (ptrace seize + interrupt), call ``body()``, let them go.
+
+    Used where something must be atomic with respect to the target (reading and clearing
+    soft-dirty bits). Threads created while stopping are caught by re-listing until the set is
+    stable. Swallowed signals are re-sent. Raises ProcessGone, AccessDenied, InjectionFailed.
+    """
+    result: list[T] = []
+    failure: list[BaseException] = []
+    handed_back = threading.Event()
+
+    def session() -> None:
+        stopped: dict[int, Injector] = {}
+        try:
+            deadline = time.monotonic() + config.stop_timeout
+            while True:
+                try:
+                    tids = sorted(int(t.name) for t in Path(f"/proc/{pid}/task").iterdir())
+                except FileNotFoundError as err:
+                    raise ProcessGone(f"process {pid} is gone") from err
+                new = [t for t in tids if t not in stopped]
+                if not new:
+                    break
+                for tid in new:
+                    inj = Injector(pid, tid, config)
+                    try:
+                        inj.attach()
+                    except ProcessGone:
+                        continue  # the thread exited meanwhile
+                    stopped[tid] = inj
+                    try:
+                        inj.wait_interrupt_stop(max(0.0, deadline - time.monotonic()))
+                    except TimeoutError as err:
+                        raise InjectionFailed(
+                            f"thread {tid} of process {pid} did not stop within "
+                            f"{config.stop_timeout} s (uninterruptible sleep?)"
+                        ) from err
+            result.append(body())
+        except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
+            failure.append(err)
+        handed_back.set()
+        for inj in stopped.values():
+            if not inj.is_stopped:
+                # A running tracee cannot be detached: wait for its stop first.
+                with contextlib.suppress(Exception):
+                    inj.wait_interrupt_stop(3600.0)
+            inj.detach()
+
+    worker = threading.Thread(target=session, name=f"phaul-freeze-{pid}", daemon=True)
+    worker.start()
+    if not handed_back.wait(config.session_timeout):
+        raise InjectionFailed(f"freezing process {pid} did not finish in time")
+    if failure:
+        raise failure[0]
+    worker.join(config.session_timeout)
+    return result[0]

@@ -43,6 +43,7 @@ from typing import Protocol
 from phaul.errors import PhaulError, ProtocolError
 from phaul.page_server.criu_image import (
     PAGE_SHIFT,
+    PE_PARENT,
     PE_PRESENT,
     PagemapEntry,
     PagemapWriter,
@@ -99,11 +100,14 @@ class ReceiveStats:
 class _OpenImage:
     """The pagemap/pages pair being received."""
 
-    def __init__(self, image: ImageId, dst_id: int, pagemap: PagemapWriter, pages_fd: int):
+    def __init__(
+        self, image: ImageId, dst_id: int, pagemap: PagemapWriter, pages_fd: int, has_parent: bool
+    ):
         self.image = image
         self.dst_id = dst_id
         self.pagemap = pagemap
         self.pages_fd = pages_fd
+        self.has_parent = has_parent
 
     def close(self) -> None:
         try:
@@ -117,8 +121,8 @@ class CriuPageReceiver:
 
     ``max_bytes`` bounds what the session may write (page data plus pagemap entries); beyond it
     the session fails with ProtocolError("image quota exceeded"). One receiver serves one session
-    at a time; it may be reused for the next session in another directory-compatible way (pages ids
-    continue counting, so a second session does not overwrite the first one's pages files).
+    at a time. Reused for another session, it keeps counting pages ids, so the second session
+    does not overwrite the first one's pages files.
     """
 
     def __init__(
@@ -249,8 +253,9 @@ class CriuPageReceiver:
                 raise
         except OSError as err:
             raise PhaulError(f"page store: cannot create {pagemap_path}: {err}") from err
-        self._cur = _OpenImage(image, dst_id, pagemap, fd)
-        return self._has_parent(image)
+        has_parent = self._has_parent(image)
+        self._cur = _OpenImage(image, dst_id, pagemap, fd, has_parent)
+        return has_parent
 
     def _add(self, stream: PageStream, iov: PageServerIov) -> None:
         if self._cur is None or self._cur.dst_id != iov.dst_id:
@@ -258,6 +263,9 @@ class CriuPageReceiver:
             self._open(iov.dst_id)
         cur = self._cur
         assert cur is not None
+        if iov.flags & PE_PARENT and not cur.has_parent:
+            # We answered "no parent": a restore could not find these pages anywhere.
+            raise ProtocolError(f"page server: PE_PARENT run for {cur.image}, which has no parent")
         entry = PagemapEntry(vaddr=iov.vaddr, nr_pages=iov.nr_pages, flags=iov.flags)
         nbytes = iov.payload_bytes
         self._charge(nbytes + 32)  # the entry itself is at most ~30 bytes

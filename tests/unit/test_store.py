@@ -115,13 +115,14 @@ def test_session_writes_criu_layout(tmp_path: Path, peer: Peer) -> None:
 def test_parent_reported_when_parent_pagemap_exists(tmp_path: Path, peer: Peer) -> None:
     (tmp_path / "parent").mkdir()
     write_pagemap(tmp_path / "parent" / "pagemap-1.img", 1, [PagemapEntry(0x1000, 1, PE_PRESENT)])
-    assert peer.open2(1) == b"\x01"
     assert peer.open2(2) == b"\x00"
     peer.sk.sendall(cp.encode_iov(cp.Command.PARENT, dst_id=cp.ImageId(TASK, 1).encode()))
     assert peer.sk.recv(4) == b"\x01\0\0\0"
-    peer.add(2, 0x1000, 1, PE_PARENT)
+    assert peer.open2(1) == b"\x01"
+    peer.add(1, 0x1000, 1, PE_PARENT)
     assert peer.close() == 0
     assert isinstance(peer.finish(), ReceiveStats)
+    assert read_pagemap(tmp_path / "pagemap-1.img").entries == (PagemapEntry(0x1000, 1, PE_PARENT),)
 
 
 def assert_failed(peer: Peer, tmp_path: Path, match: str) -> None:
@@ -156,6 +157,12 @@ def test_garbage_fails_fast(tmp_path: Path, peer: Peer) -> None:
     peer.sk.sendall(os.urandom(4096))
     assert_failed(peer, tmp_path, "page server")
     assert time.monotonic() - t0 < 2
+
+
+def test_parent_run_without_parent_refused(tmp_path: Path, peer: Peer) -> None:
+    assert peer.open2(1) == b"\x00"
+    peer.add(1, 0x1000, 1, PE_PARENT)
+    assert_failed(peer, tmp_path, "no parent")
 
 
 def test_get_is_refused(tmp_path: Path, peer: Peer) -> None:

@@ -23,11 +23,12 @@ from phaul.engine.criu_locate import CriuBinary, find_criu
 from phaul.errors import PhaulError, ProtocolError
 from phaul.pb import phaul_pb2 as pb
 from phaul.phase import Phase
-from phaul.protocol.auth import load_token, server_handshake
+from phaul.protocol.auth import TRANSPORT_ONLY, load_token, server_handshake, transport_identity
 from phaul.protocol.framing import Channel
 from phaul.target.session import TargetSession
 from phaul.transport.bridge import page_socket
 from phaul.transport.tcp import parse_hostport
+from phaul.transport.tls import TlsConfig, server_context
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ class AgentConfig:
     max_sessions: int = 4
     max_image_bytes: int = 0  # 0: no quota
     handshake_timeout: float = 10.0
+    tls: TlsConfig | None = None  # mutual TLS (clients need a certificate from tls.ca)
+    stdio: bool = False  # one session on stdin/stdout, run by SSH (phaul.transport.ssh)
 
 
 class Agent:
@@ -83,7 +86,12 @@ class Agent:
     # --- serving ------------------------------------------------------------------------------
     async def start(self) -> None:
         self.config.workdir.mkdir(parents=True, exist_ok=True)
-        self.server = await asyncio.start_server(self._accept, self.config.host, self.config.port)
+        ssl_ctx = server_context(self.config.tls) if self.config.tls else None
+        self.server = await asyncio.start_server(
+            self._accept, self.config.host, self.config.port, ssl=ssl_ctx
+        )
+        if ssl_ctx is None:
+            log.warning("token auth over plain TCP: traffic (memory included) is NOT encrypted")
         addrs = ", ".join(str(s.getsockname()) for s in self.server.sockets)
         log.info("agent %s listening on %s (CRIU %s)", self.agent_id, addrs, self.criu.version)
 
@@ -100,7 +108,11 @@ class Agent:
         peer = str(writer.get_extra_info("peername"))
         chan = Channel(reader, writer, max_frame=64 << 10)  # small until authenticated
         try:
-            hello = await server_handshake(chan, self.config.token, self.agent_id)
+            # Stdio mode: everything arrives through SSH (stdio, or a unix socket in a 0700 dir).
+            ident = transport_identity(writer) or ("ssh:stdio" if self.config.stdio else None)
+            hello = await server_handshake(
+                chan, self.config.token, self.agent_id, transport_peer=ident
+            )
         except (PhaulError, TimeoutError) as err:
             perr = err if isinstance(err, PhaulError) else ProtocolError("handshake timed out")
             log.warning("refused connection from %s: %s", peer, perr)
@@ -166,10 +178,25 @@ class Agent:
 
 def cmd_agent(args: argparse.Namespace) -> int:
     host, port = parse_hostport(args.listen)
-    token = load_token(args.token_file)
+    tls = TlsConfig.from_args(
+        getattr(args, "tls_cert", None),
+        getattr(args, "tls_key", None),
+        getattr(args, "tls_ca", None),
+    )
+    stdio = bool(getattr(args, "stdio", False))
+    if tls is not None:
+        server_context(tls)  # fail now on unreadable files, not at the first connection
+    # With TLS or SSH the transport authenticates the source: the token becomes optional.
+    token = load_token(args.token_file or (TRANSPORT_ONLY if tls or stdio else None))
     criu = find_criu(args.criu)
     config = AgentConfig(
-        host=host, port=port, token=token, workdir=Path(args.workdir), ip_dev=args.ip_dev
-    )
+        host=host, port=port, token=token, workdir=Path(args.workdir), ip_dev=args.ip_dev,
+        tls=tls, stdio=stdio, max_sessions=1 if stdio else 4,
+    )  # fmt: skip
+    if stdio:
+        from phaul.transport.ssh import serve_stdio
+
+        asyncio.run(serve_stdio(Agent(config, criu)))
+        return 0
     asyncio.run(Agent(config, criu).serve_forever())
     return 0

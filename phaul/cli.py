@@ -54,6 +54,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return cmd_demo(args)
 
 
+def _cmd_certs(args: argparse.Namespace) -> int:
+    from phaul.certs import cmd_certs
+
+    return cmd_certs(args)
+
+
+def _add_tls_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("mutual TLS (all three together; then no token is needed)")
+    g.add_argument("--tls-cert", metavar="FILE", help="our certificate (phaul certs host)")
+    g.add_argument("--tls-key", metavar="FILE", help="its private key")
+    g.add_argument("--tls-ca", metavar="FILE", help="CA certificate the peer must be signed by")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="phaul",
@@ -103,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="restore into this network namespace (e.g. /run/netns/x); default: own",
     )
+    a.add_argument(
+        "--stdio",
+        action="store_true",
+        help="serve one session on stdin/stdout (what `phaul migrate --to ssh://` runs)",
+    )
+    _add_tls_options(a)
     a.set_defaults(func=_cmd_agent)
 
     m = sub.add_parser(
@@ -143,6 +162,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="give up (and roll back) if the target has not restored in S seconds",
     )
     m.add_argument("--json", action="store_true", help="progress events as JSON lines on stdout")
+    _add_tls_options(m)
+    s = m.add_argument_group("SSH (--to ssh://[user@]host[:port]; uses ssh-agent and ~/.ssh)")
+    s.add_argument(
+        "--ssh-accept-unknown",
+        action="store_true",
+        help="accept and record an unknown host key (a changed key is always refused)",
+    )
+    s.add_argument("--ssh-known-hosts", metavar="FILE", help="default: ~/.ssh/known_hosts")
+    s.add_argument("--ssh-key", action="append", default=[], metavar="FILE", help="private key")
+    s.add_argument(
+        "--ssh-agent-command",
+        default="phaul agent --stdio",
+        metavar="CMD",
+        help="command that runs the agent there (default: %(default)s)",
+    )
     m.set_defaults(func=_cmd_migrate)
 
     r = sub.add_parser(
@@ -154,6 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--stdout", metavar="FILE", default="/dev/null")
     r.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...")
     r.set_defaults(func=_cmd_run)
+
+    ce = sub.add_parser("certs", help="make a small CA and host certificates for mutual TLS")
+    cs = ce.add_subparsers(dest="certs_command", metavar="ca|host")
+    ca = cs.add_parser("ca", help="create ca.pem and ca.key in DIR")
+    ca.add_argument("--out", required=True, metavar="DIR")
+    ch = cs.add_parser("host", help="create NAME.pem and NAME.key signed by the CA")
+    ch.add_argument("name", metavar="NAME", help="host name (or IP) the certificate is for")
+    ch.add_argument("--ca", required=True, metavar="DIR", help="directory of `phaul certs ca`")
+    ch.add_argument("--out", required=True, metavar="DIR")
+    ch.add_argument("--ip", action="append", default=[], metavar="ADDR", help="repeatable")
+    ch.add_argument("--dns", action="append", default=[], metavar="NAME", help="repeatable")
+    ce.set_defaults(func=_cmd_certs)
 
     d = sub.add_parser("demo", help="migrate a sample TCP service between two namespace hosts")
     d.add_argument("--keep", action="store_true", help="leave the demo hosts for inspection")

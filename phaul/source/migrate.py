@@ -400,9 +400,46 @@ def _parse_ips(values: list[str]) -> tuple[ipaddress.IPv4Interface, ...]:
 
 
 def make_dialer(args: argparse.Namespace) -> Dialer:
-    """The transport for ``--to``: HOST:PORT (token over TCP)."""
-    host, port = parse_hostport(args.to)
-    return TcpDialer(host, port)
+    """The transport for ``--to``: HOST:PORT (token over TCP), + --tls-* (mutual TLS), ssh://.
+
+    With TLS or SSH the transport authenticates the agent, so the token becomes optional: without
+    --token-file, ``args.token_file`` is set to ``auth.TRANSPORT_ONLY`` (load_token gives b"").
+    """
+    from phaul.protocol.auth import TRANSPORT_ONLY
+    from phaul.transport.tls import TlsConfig, TlsDialer
+
+    tls = TlsConfig.from_args(
+        getattr(args, "tls_cert", None),
+        getattr(args, "tls_key", None),
+        getattr(args, "tls_ca", None),
+    )
+    dialer: Dialer
+    if args.to.startswith("ssh://"):
+        from phaul.transport.ssh import SshConfig, SshDialer, agent_command_argv
+
+        if tls is not None:
+            raise UsageError("--tls-* options do not apply to ssh:// targets")
+        command = getattr(args, "ssh_agent_command", None) or "phaul agent --stdio"
+        agent_command_argv(command)
+        known = getattr(args, "ssh_known_hosts", None)
+        dialer = SshDialer(
+            SshConfig.parse(
+                args.to,
+                known_hosts=Path(known) if known else None,
+                accept_unknown=bool(getattr(args, "ssh_accept_unknown", False)),
+                keys=tuple(Path(k) for k in getattr(args, "ssh_key", None) or ()),
+                agent_command=command,
+            )
+        )
+    else:
+        host, port = parse_hostport(args.to)
+        if tls is None:
+            log.warning("token auth over plain TCP to %s:%d: traffic is NOT encrypted", host, port)
+            return TcpDialer(host, port)
+        dialer = TlsDialer(host, port, tls)
+    if not args.token_file:
+        args.token_file = TRANSPORT_ONLY
+    return dialer
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:

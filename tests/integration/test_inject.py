@@ -197,3 +197,46 @@ def test_gone_process_raises_process_gone(procs: list[subprocess.Popen[bytes]]) 
     p.wait()
     with pytest.raises(ProcessGone):
         inject.take_userfaultfd(p.pid)
+
+
+def test_run_frozen_stops_every_thread(
+    procs: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    script = (
+        "import threading, time\n"
+        "def spin():\n"
+        "    while True:\n"
+        "        time.sleep(0.001)\n"
+        "for _ in range(3):\n"
+        "    threading.Thread(target=spin, daemon=True).start()\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    with open(tmp_path / "out", "wb") as out:
+        p = subprocess.Popen(
+            ["python3", "-c", script],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+        )
+    procs.append(p)
+    deadline = time.monotonic() + 5
+    while b"ready" not in (tmp_path / "out").read_bytes():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+    def states() -> dict[str, str]:
+        out = {}
+        for t in os.listdir(f"/proc/{p.pid}/task"):
+            stat = Path(f"/proc/{p.pid}/task/{t}/stat").read_text()
+            out[t] = stat.rsplit(")", 1)[1].split()[0]
+        return out
+
+    frozen = inject.run_frozen(p.pid, states)
+    assert len(frozen) == 4
+    assert set(frozen.values()) == {"t"}, frozen
+    time.sleep(0.05)
+    assert "t" not in states().values()
+    assert "TracerPid:\t0" in Path(f"/proc/{p.pid}/status").read_text()
+    assert p.poll() is None

@@ -25,6 +25,7 @@ from phaul.pb import phaul_pb2 as pb
 from phaul.phase import Phase
 from phaul.protocol.auth import TRANSPORT_ONLY, load_token, server_handshake, transport_identity
 from phaul.protocol.framing import Channel
+from phaul.target.journal import recover
 from phaul.target.session import TargetSession
 from phaul.transport.bridge import page_socket
 from phaul.transport.tcp import parse_hostport
@@ -86,6 +87,9 @@ class Agent:
     # --- serving ------------------------------------------------------------------------------
     async def start(self) -> None:
         self.config.workdir.mkdir(parents=True, exist_ok=True)
+        rolled = await asyncio.to_thread(recover, self.config.workdir)
+        if rolled:
+            log.warning("rolled back %d interrupted migration(s): %s", len(rolled), rolled)
         ssl_ctx = server_context(self.config.tls) if self.config.tls else None
         self.server = await asyncio.start_server(
             self._accept, self.config.host, self.config.port, ssl=ssl_ctx

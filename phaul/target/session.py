@@ -34,6 +34,7 @@ from phaul.errors import MigrationAborted, PhaulError, ProtocolError
 from phaul.pb import phaul_pb2 as pb
 from phaul.phase import Phase, PhaseMachine
 from phaul.protocol.framing import Channel
+from phaul.target.journal import Journal
 
 if TYPE_CHECKING:
     import socket
@@ -83,6 +84,23 @@ class TargetSession:
         self.swrk: Any = None
         self.garp: dict[str, Any] = {}
         self.log = logging.LoggerAdapter(log, {"side": "target"})
+        self.journal: Journal | None = None
+
+    def _journal(self) -> None:
+        """Record the phase (and what recovery must undo) before acting on it."""
+        self.agent.record(self.migration_id, self.phase, self.root_pid)
+        if self.journal is not None:
+            start = None
+            if self.root_pid:
+                with contextlib.suppress(OSError, IndexError, ValueError):
+                    stat = Path(f"/proc/{self.root_pid}/stat").read_text()
+                    start = int(stat.rsplit(")", 1)[1].split()[19])
+            self.journal.write(
+                phase=self.phase.value,
+                addresses=[[str(i), d] for i, d in self.addresses],
+                root_pid=self.root_pid,
+                root_start=start,
+            )
 
     @property
     def phase(self) -> Phase:
@@ -118,7 +136,7 @@ class TargetSession:
             self.log.warning("migration %s rolled back in target: %s", self.migration_id, err)
         else:
             self.log.error("migration %s failed after commit: %s", self.migration_id, err)
-        self.agent.record(self.migration_id, self.phase, self.root_pid)
+        self._journal()
 
     # --- phases ---------------------------------------------------------------------------------
     async def _preflight(self) -> None:
@@ -166,19 +184,19 @@ class TargetSession:
         if not isinstance(msg, pb.Prepare):
             raise ProtocolError(f"expected Prepare, peer sent {msg.DESCRIPTOR.name}")
         self.machine.advance(Phase.DUMP)
-        self.agent.record(self.migration_id, self.phase, 0)
+        self._journal()
         self.fresh_pidns = msg.fresh_pidns
         self.workdir = self.agent.config.workdir / self.migration_id
         self.workdir.mkdir(parents=True, exist_ok=False)
         self.images_dir = self.workdir / "images"
         self.images_dir.mkdir()
+        self.journal = Journal(self.workdir)
+        self._journal()
         for addr in msg.addresses:
             iface = ipaddress.IPv4Interface(addr.cidr)
-            dev = (
-                addr.dev
-                or self.agent.config.ip_dev
-                or await asyncio.to_thread(netaddr.device_for, iface)
-            )
+            dev: str = addr.dev or self.agent.config.ip_dev or ""
+            if not dev:
+                dev = await asyncio.to_thread(netaddr.device_for, iface)
             self.addresses.append((iface, dev))
             if dev not in self.garp:
                 self.garp[dev] = GarpSender(dev)
@@ -268,7 +286,7 @@ class TargetSession:
         if not isinstance(req, pb.Restore):
             raise ProtocolError(f"expected Restore, peer sent {req.DESCRIPTOR.name}")
         self.machine.advance(Phase.RESTORE)
-        self.agent.record(self.migration_id, self.phase, 0)
+        self._journal()
         fault("target-fail-restore")
         # The addresses must be here before CRIU restores sockets bound to them.
         for iface, dev in self.addresses:
@@ -283,6 +301,7 @@ class TargetSession:
         def on_notify(name: str, notify: Any) -> bool:
             if name == "post-restore":
                 self.root_pid = int(getattr(notify, "pid", 0) or self.root_pid)
+                self._journal()
             if name != "pre-resume":
                 return True
             timings["pre_resume"] = time.monotonic()
@@ -309,7 +328,7 @@ class TargetSession:
         self.agent.adopt(result.child_pid)
         resume_ms = int((time.monotonic() - timings.get("commit", t0)) * 1000)
         self.machine.advance(Phase.DONE)
-        self.agent.record(self.migration_id, self.phase, self.root_pid)
+        self._journal()
         undo.pop_all()
         with contextlib.suppress(ConnectionError, OSError):
             await self.chan.send(
@@ -343,7 +362,7 @@ class TargetSession:
             return False
         self.machine.advance(Phase.COMMIT)
         timings["commit"] = time.monotonic()
-        self.agent.record(self.migration_id, self.phase, self.root_pid)
+        self._journal()
         for iface, dev in self.addresses:
             self.garp[dev].send(iface.ip)
         return True

@@ -61,9 +61,11 @@ def start_agent(
     token: Path,
     env: dict[str, str] | None = None,
     extra: list[str] | None = None,
+    workdir: Path | None = None,
 ) -> AgentProc:
-    workdir = Path(lab.tmp) / f"agent-{host.name}-{os.urandom(3).hex()}"
-    workdir.mkdir()
+    if workdir is None:
+        workdir = Path(lab.tmp) / f"agent-{host.name}-{os.urandom(3).hex()}"
+        workdir.mkdir()
     log = lab.tmpfile(f"agent-{host.name}", ".log")
     full_env = {**os.environ, **(env or {})}
     with open(log, "ab") as out:

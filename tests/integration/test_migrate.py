@@ -127,7 +127,12 @@ def test_target_failure_leaves_tree_running_on_source(lab: Lab, fault: str) -> N
     assert "CRIU" not in a.run(["nft", "list", "tables"]).stdout
     # Nothing left on the target: no restored process, no images.
     wait_for(lambda: set(pids_in(b)) <= {agent.proc.pid}, 10, "target namespace to be empty")
+    if fault == "target-exit-after-images":
+        # The agent died holding images: restarted, it replays its journal and cleans up.
+        assert list(agent.workdir.glob("*/images/*.img"))
+        agent = start_agent(lab, b, agent.token_file, workdir=agent.workdir)
     assert not list(agent.workdir.glob("*/images/*.img"))
+    assert vip not in b.addresses()
 
 
 def test_wrong_token_is_refused_and_nothing_changes(lab: Lab) -> None:

@@ -114,6 +114,15 @@ async def client_handshake(
         ) from err
     except ConnectionResetError as err:
         raise ProtocolError("the agent closed the connection during the handshake") from err
+    except ProtocolError as err:
+        # TLS 1.3: the agent checks our certificate after our side of the handshake finished;
+        # a refusal shows up here as the connection closing before any frame.
+        if chan.bytes_received == 0 and chan.writer.get_extra_info("ssl_object") is not None:
+            raise AuthError(
+                "the agent closed the TLS connection before answering: it refused our "
+                "certificate (use --tls-cert/--tls-key issued by the agent's CA)"
+            ) from err
+        raise
 
 
 async def _client_handshake(

@@ -32,6 +32,8 @@ PARENT replies as CRIU's page server does, so a dump with ``--prev-images-dir`` 
 
 from __future__ import annotations
 
+import bisect
+import errno
 import logging
 import os
 import socket
@@ -47,7 +49,10 @@ from phaul.page_server.criu_image import (
     PE_PRESENT,
     PagemapEntry,
     PagemapWriter,
+    pagemap_name,
     pages_name,
+    read_pagemap,
+    write_pagemap,
 )
 from phaul.page_server.criu_protocol import (
     IOV_SIZE,
@@ -365,3 +370,249 @@ def _set_nodelay(stream: PageStream) -> None:
     """Replies are tiny and CRIU waits for them: never let Nagle hold one back."""
     if isinstance(stream, socket.socket) and stream.family in (socket.AF_INET, socket.AF_INET6):
         stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+# -- flat per-process image for pre-copy ------------------------------------------------------
+
+MAX_ENTRY_PAGES = 1024  # CRIU's lazy-pages daemon buffers one entry: keep them small (lazy §7.6)
+
+
+class FlatPageImage:
+    """One process's pre-copy image, updated in place: ``pagemap-<vpid>.img`` + ``pages-<id>.img``
+    covering every page sent so far, all entries ``PE_PRESENT`` (a restore, the final dump's
+    ``parent`` link and the lazy-pages daemon all read it; reference/local-lazy-restore.md).
+
+    :meth:`write` puts pages that lie inside the committed layout straight into place
+    (``pwrite``); pages outside it go to a side file ``pages-<id>.img.staged`` (pages written
+    again before the next commit overwrite their staged copy). :meth:`commit` merges the staged
+    runs into a new layout (copying with ``copy_file_range``, the old file unlinked before the new
+    one is renamed into place, see lazy-final-dump.md §7.3) and rewrites the pagemap atomically.
+    Between commits the files on disk are always a consistent image of the last commit plus
+    in-place updates. Not thread-safe: one writer per process image.
+    """
+
+    def __init__(self, images_dir: Path, vpid: int, pages_id: int) -> None:
+        """Open the image of ``vpid`` in ``images_dir``, creating an empty one (pages file
+        ``pages-<pages_id>.img``) when there is none. An existing pagemap's own pages id wins.
+        Raises ProtocolError when an existing pagemap is malformed or not flat."""
+        self.images_dir = Path(images_dir)
+        self.pagemap_path = self.images_dir / pagemap_name(vpid)
+        if self.pagemap_path.exists():
+            pm = read_pagemap(self.pagemap_path)
+            if any(e.flags & (PE_PRESENT | PE_PARENT) != PE_PRESENT for e in pm.entries):
+                raise ProtocolError(f"{self.pagemap_path}: not a flat image (non-present runs)")
+            pages_id = pm.pages_id
+            runs = [(e.vaddr, e.nr_pages) for e in pm.entries]
+        else:
+            runs = []
+        self.pages_id = pages_id
+        self.pages_path = self.images_dir / pages_name(pages_id)
+        self._staged_path = self.pages_path.with_name(self.pages_path.name + ".staged")
+        self._layout = _Runs(runs)
+        self._staged = _Runs([])
+        if not self.pagemap_path.exists():
+            write_pagemap(self.pagemap_path, pages_id, [])
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        self._fd = os.open(self.pages_path, flags, 0o600)
+        size = os.fstat(self._fd).st_size
+        if size != self._layout.pages << PAGE_SHIFT:
+            os.close(self._fd)
+            raise ProtocolError(
+                f"{self.pages_path}: {size} bytes, pagemap says {self._layout.pages} pages"
+            )
+        self._staged_fd = os.open(self._staged_path, flags | os.O_TRUNC, 0o600)
+
+    @property
+    def pages(self) -> int:
+        """Pages in the committed layout."""
+        return self._layout.pages
+
+    @property
+    def staged_pages(self) -> int:
+        """Pages written outside the layout since the last commit."""
+        return self._staged.pages
+
+    def covers(self, vaddr: int, nr_pages: int) -> bool:
+        """Whether every page of the range is in the committed layout."""
+        return self._layout.covered(vaddr, nr_pages) == nr_pages
+
+    def write(self, vaddr: int, data: bytes | bytearray | memoryview) -> None:
+        """Store the pages ``data`` (a multiple of 4096 bytes) of the range starting at
+        ``vaddr``. Raises ValueError on misaligned input, PhaulError on I/O errors."""
+        view = memoryview(data).cast("B")
+        if vaddr % (1 << PAGE_SHIFT) or len(view) % (1 << PAGE_SHIFT):
+            raise ValueError("write: vaddr and length must be page aligned")
+        page = 1 << PAGE_SHIFT
+        end = vaddr + len(view)
+        addr = vaddr
+        try:
+            while addr < end:
+                nr = (end - addr) // page
+                done = self._layout.pwrite(self._fd, addr, view[addr - vaddr :], nr)
+                if done:
+                    addr += done * page
+                    continue
+                # addr is outside the layout: up to the next layout run goes to the side file
+                gap = min(nr, self._layout.gap_after(addr))
+                chunk = view[addr - vaddr : addr - vaddr + gap * page]
+                sub = addr
+                while sub < addr + gap * page:
+                    left = (addr + gap * page - sub) // page
+                    n = self._staged.pwrite(self._staged_fd, sub, chunk[sub - addr :], left)
+                    if not n:
+                        n = min(left, self._staged.gap_after(sub))
+                        off = self._staged.append(sub, n)
+                        _pwrite_all(self._staged_fd, chunk[sub - addr : sub - addr + n * page], off)
+                    sub += n * page
+                addr += gap * page
+        except OSError as err:
+            raise PhaulError(f"flat image {self.pages_path}: write failed: {err}") from err
+
+    def commit(self) -> None:
+        """Merge the staged pages into the layout and rewrite pagemap and pages file."""
+        if not self._staged.pages:
+            return
+        page = 1 << PAGE_SHIFT
+        merged: list[tuple[int, int, int, int]] = []  # vaddr, nr, fd, file offset
+        for vaddr, nr, off in self._layout.extents():
+            merged.append((vaddr, nr, self._fd, off))
+        for vaddr, nr, off in self._staged.extents():
+            merged.append((vaddr, nr, self._staged_fd, off))
+        merged.sort()
+        tmp = self.pages_path.with_name(self.pages_path.name + ".new")
+        try:
+            out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                pos = 0
+                for _vaddr, nr, fd, off in merged:
+                    _copy_range(fd, off, out, pos, nr * page)
+                    pos += nr * page
+            finally:
+                os.close(out)
+            runs = _coalesce([(v, n) for v, n, _, _ in merged])
+            os.close(self._fd)
+            self.pages_path.unlink()
+            tmp.replace(self.pages_path)
+            self._fd = os.open(self.pages_path, os.O_RDWR | os.O_CLOEXEC)
+            write_pagemap(
+                self.pagemap_path,
+                self.pages_id,
+                [PagemapEntry(v, n, PE_PRESENT) for v, n in _split(runs, MAX_ENTRY_PAGES)],
+            )
+            os.ftruncate(self._staged_fd, 0)
+        except OSError as err:
+            raise PhaulError(f"flat image {self.pages_path}: commit failed: {err}") from err
+        self._layout = _Runs(runs)
+        self._staged = _Runs([])
+
+    def close(self) -> None:
+        """Close the files and drop uncommitted staged pages."""
+        os.close(self._fd)
+        os.close(self._staged_fd)
+        self._staged_path.unlink(missing_ok=True)
+
+
+class _Runs:
+    """Sorted, non-overlapping page runs laid out back to back in a file (page offsets)."""
+
+    def __init__(self, runs: list[tuple[int, int]]) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        self.offsets: list[int] = []  # file offset (bytes) of each run
+        self.pages = 0
+        for vaddr, nr in runs:
+            self.starts.append(vaddr)
+            self.ends.append(vaddr + (nr << PAGE_SHIFT))
+            self.offsets.append(self.pages << PAGE_SHIFT)
+            self.pages += nr
+
+    def _find(self, addr: int) -> int:
+        """Index of the run containing addr, or -1."""
+        i = bisect.bisect_right(self.starts, addr) - 1
+        return i if i >= 0 and addr < self.ends[i] else -1
+
+    def covered(self, vaddr: int, nr: int) -> int:
+        page = 1 << PAGE_SHIFT
+        addr, end = vaddr, vaddr + nr * page
+        while addr < end:
+            i = self._find(addr)
+            if i < 0:
+                break
+            addr = min(end, self.ends[i])
+        return (addr - vaddr) // page
+
+    def gap_after(self, addr: int) -> int:
+        """Pages from addr (outside every run) to the next run (a huge number when none)."""
+        i = bisect.bisect_right(self.starts, addr)
+        return (self.starts[i] - addr) >> PAGE_SHIFT if i < len(self.starts) else 1 << 62
+
+    def pwrite(self, fd: int, addr: int, data: memoryview, nr: int) -> int:
+        """Write up to nr pages from addr while inside runs; returns pages written."""
+        page = 1 << PAGE_SHIFT
+        done = 0
+        while done < nr:
+            a = addr + done * page
+            i = self._find(a)
+            if i < 0:
+                break
+            n = min(nr - done, (self.ends[i] - a) // page)
+            _pwrite_all(
+                fd, data[done * page : (done + n) * page], self.offsets[i] + a - self.starts[i]
+            )
+            done += n
+        return done
+
+    def append(self, vaddr: int, nr: int) -> int:
+        """Add a run at the end of the file (it must not overlap); returns its file offset."""
+        i = bisect.bisect_right(self.starts, vaddr)
+        off = self.pages << PAGE_SHIFT
+        self.starts.insert(i, vaddr)
+        self.ends.insert(i, vaddr + (nr << PAGE_SHIFT))
+        self.offsets.insert(i, off)
+        self.pages += nr
+        return off
+
+    def extents(self) -> list[tuple[int, int, int]]:
+        """(vaddr, nr_pages, file offset) of every run, by vaddr."""
+        return [
+            (s, (e - s) >> PAGE_SHIFT, o)
+            for s, e, o in zip(self.starts, self.ends, self.offsets, strict=True)
+        ]
+
+
+def _coalesce(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for vaddr, nr in runs:
+        if out and out[-1][0] + (out[-1][1] << PAGE_SHIFT) == vaddr:
+            out[-1] = (out[-1][0], out[-1][1] + nr)
+        else:
+            out.append((vaddr, nr))
+    return out
+
+
+def _split(runs: list[tuple[int, int]], limit: int) -> list[tuple[int, int]]:
+    out = []
+    for vaddr, nr in runs:
+        while nr > limit:
+            out.append((vaddr, limit))
+            vaddr += limit << PAGE_SHIFT
+            nr -= limit
+        out.append((vaddr, nr))
+    return out
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data = data[n:]
+        offset += n
+
+
+def _copy_range(src: int, src_off: int, dst: int, dst_off: int, count: int) -> None:
+    while count:
+        n = os.copy_file_range(src, dst, count, src_off, dst_off)
+        if n == 0:
+            raise OSError(errno.EIO, "copy_file_range: source shorter than its layout")
+        src_off += n
+        dst_off += n
+        count -= n

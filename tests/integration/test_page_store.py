@@ -23,6 +23,7 @@ import pytest
 from phaul.errors import ProtocolError
 from phaul.page_server import CriuPageReceiver, PageStream, ReceiveStats
 from phaul.page_server.criu_image import read_pagemap, read_pstree
+from phaul.page_server.store import FlatPageImage
 
 pytestmark = pytest.mark.integration
 
@@ -291,16 +292,37 @@ def test_dump_through_store_then_plain_restore(
     finally:
         memcheck.kill_restored(tini)
 
-    # Control: the check must see a page that the store got wrong.
-    data = (store / f"pages-{memcheck_pm.pages_id}.img").read_bytes()
+    # The same image rebuilt as flat pre-copy images (FlatPageImage: entries written in reverse
+    # order, so they are staged and merged by commit), with one arena page deliberately wrong:
+    # the restore must work and the check must see exactly that page (the control).
+    flat = store.parent / "flat"
+    flat.mkdir()
     victim = 1234
-    off = data.find(MAGIC + victim.to_bytes(8, "little"))
-    assert off >= 0 and off % 4096 == 0
-    with open(store / f"pages-{memcheck_pm.pages_id}.img", "r+b") as f:
-        f.seek(off + 100)
-        f.write(b"\xff")
-    (store / "restored.pid").unlink()
-    tini = memcheck.start_restore(store)
+    for vpid in (1, 2):
+        pm = read_pagemap(store / f"pagemap-{vpid}.img")
+        data = memoryview((store / f"pages-{pm.pages_id}.img").read_bytes())
+        img = FlatPageImage(flat, vpid, pm.pages_id)
+        extents, off = [], 0
+        for e in pm.entries:
+            if e.present:
+                extents.append((e.vaddr, data[off : off + e.nr_pages * 4096]))
+                off += e.nr_pages * 4096
+        for vaddr, chunk in reversed(extents):
+            img.write(vaddr, chunk)
+        img.commit()
+        for vaddr, chunk in extents:
+            at = bytes(chunk).find(MAGIC + victim.to_bytes(8, "little"))
+            if vpid == 2 and at >= 0:
+                assert at % 4096 == 0
+                bad = bytearray(chunk[at : at + 4096])
+                bad[100] ^= 0xFF
+                img.write(vaddr + at, bad)  # in place
+        img.close()
+    assert sorted(p.name for p in flat.iterdir()) == sorted(result.images)
+    for f in src.iterdir():
+        if f.name != "dump.log":
+            shutil.copy2(f, flat / f.name)
+    tini = memcheck.start_restore(flat)
     try:
         assert memcheck.check(tini) == (NPAGES - 1, 1, victim)
     finally:

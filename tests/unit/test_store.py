@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from phaul.errors import ProtocolError
 from phaul.page_server import CriuPageReceiver, ReceiveStats
@@ -26,6 +28,7 @@ from phaul.page_server.criu_image import (
     read_pagemap,
     write_pagemap,
 )
+from phaul.page_server.store import FlatPageImage
 
 TASK = cp.ImageKind.TASK
 
@@ -200,3 +203,95 @@ def test_implicit_open_and_force_close(tmp_path: Path, peer: Peer) -> None:
 def test_small_batch_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="batch_bytes"):
         CriuPageReceiver(tmp_path, batch_bytes=4096)
+
+
+# -- FlatPageImage ------------------------------------------------------------------------------
+
+
+def image_contents(d: Path, vpid: int) -> dict[int, bytes]:
+    """page address -> content, read back the way a CRIU restore reads a flat image."""
+    pm = read_pagemap(d / f"pagemap-{vpid}.img")
+    data = (d / f"pages-{pm.pages_id}.img").read_bytes()
+    assert len(data) == pm.present_pages * 4096
+    out: dict[int, bytes] = {}
+    off = 0
+    for e in pm.entries:
+        assert e.flags == PE_PRESENT and e.nr_pages <= 1024
+        for i in range(e.nr_pages):
+            out[e.vaddr + i * 4096] = data[off : off + 4096]
+            off += 4096
+    return out
+
+
+def test_flat_image_in_place_and_staged(tmp_path: Path) -> None:
+    img = FlatPageImage(tmp_path, 2, 7)
+    assert image_contents(tmp_path, 2) == {}
+    img.write(0x10000, page(1) + page(2) + page(3))
+    assert img.staged_pages == 3 and img.pages == 0
+    img.commit()
+    assert img.pages == 3 and img.covers(0x10000, 3) and not img.covers(0x10000, 4)
+    size = (tmp_path / "pages-7.img").stat().st_size
+    img.write(0x11000, page(20))  # in place: the file does not grow
+    assert img.staged_pages == 0 and (tmp_path / "pages-7.img").stat().st_size == size
+    img.write(0xF000, page(30) + page(31) + page(32) + page(33) + page(34) + page(35))
+    assert img.staged_pages == 3  # 0xf000 before, 0x13000.. after the run
+    img.write(0x14000, page(40))  # overwrites its staged copy
+    assert img.staged_pages == 3
+    img.commit()
+    assert image_contents(tmp_path, 2) == {
+        0xF000: page(30),
+        0x10000: page(31),
+        0x11000: page(32),
+        0x12000: page(33),
+        0x13000: page(34),
+        0x14000: page(40),
+    }
+    img.close()
+    again = FlatPageImage(tmp_path, 2, 99)  # reopened: its own pages id wins
+    assert again.pages_id == 7 and again.pages == 6
+    again.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pagemap-2.img", "pages-7.img"]
+
+
+def test_flat_image_refuses_non_flat(tmp_path: Path) -> None:
+    write_pagemap(tmp_path / "pagemap-1.img", 1, [PagemapEntry(0x1000, 1, PE_LAZY)])
+    with pytest.raises(ProtocolError, match="not a flat image"):
+        FlatPageImage(tmp_path, 1, 1)
+    write_pagemap(tmp_path / "pagemap-3.img", 3, [PagemapEntry(0x1000, 2, PE_PRESENT)])
+    (tmp_path / "pages-3.img").write_bytes(page(0))
+    with pytest.raises(ProtocolError, match="pagemap says 2 pages"):
+        FlatPageImage(tmp_path, 3, 3)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.integers(0, 1500), st.integers(1, 1100)),
+            st.just((-1, 0)),  # commit
+        ),
+        max_size=12,
+    )
+)
+def test_flat_image_matches_model(tmp_path_factory: pytest.TempPathFactory, ops: list) -> None:
+    d = tmp_path_factory.mktemp("flat")
+    img = FlatPageImage(d, 1, 1)
+    model: dict[int, bytes] = {}
+    committed: dict[int, bytes] = {}
+    for n, (first, count) in enumerate(ops):
+        if first < 0:
+            img.commit()
+            committed = dict(model)
+            assert image_contents(d, 1) == committed
+            continue
+        data = b"".join(struct.pack("<QQ", n, first + i) * 256 for i in range(count))
+        img.write(first * 4096, data)
+        for i in range(count):
+            model[(first + i) * 4096] = data[i * 4096 : (i + 1) * 4096]
+        # pages inside the committed layout are updated in place at once
+        on_disk = image_contents(d, 1)
+        assert on_disk.keys() == committed.keys()
+        assert all(on_disk[a] == model[a] for a in on_disk)
+    img.commit()
+    assert image_contents(d, 1) == model
+    img.close()

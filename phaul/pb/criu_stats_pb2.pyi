@@ -3,7 +3,7 @@
 isort:skip_file
 SPDX-License-Identifier: MIT
 
-CRIU's statistics images (stats-dump.img, stats-restore.img), written for phaul from CRIU's
+CRIU's statistics images (files "stats-dump" and "stats-restore", no .img suffix), written for phaul from CRIU's
 images/stats.proto; field numbers checked against CRIU v4.2 (unchanged at v4.2-22-g2cf8f13ca).
 File layout (criu/image.c, criu/include/magic.h): u32 IMG_SERVICE_MAGIC 0x55105940, u32
 STATS_MAGIC 0x57093306, then one entry: u32 little-endian length + a serialized stats_entry.

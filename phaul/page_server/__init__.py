@@ -6,6 +6,6 @@
   ``criu dump --page-server`` and writes a restorable image directory.
 """
 
-from phaul.page_server.store import CriuPageReceiver, PageStream, ReceiveStats
+from phaul.page_server.store import CriuPageReceiver, FlatPageImage, PageStream, ReceiveStats
 
-__all__ = ["CriuPageReceiver", "PageStream", "ReceiveStats"]
+__all__ = ["CriuPageReceiver", "FlatPageImage", "PageStream", "ReceiveStats"]

@@ -214,8 +214,8 @@ def subtract_ranges(a: Iterable[Range], b: Iterable[Range]) -> list[Range]:
 
 def intersect_ranges(a: Iterable[Range], b: Iterable[Range]) -> list[Range]:
     """Address ranges covered by both ``a`` and ``b``."""
-    bs = merge_ranges(b)
-    return subtract_ranges(a, subtract_ranges(a, bs))
+    am = merge_ranges(a)
+    return subtract_ranges(am, subtract_ranges(am, b))
 
 
 @dataclass(frozen=True)

@@ -128,6 +128,8 @@ def test_range_helpers() -> None:
         (22, 29),
     ]
     assert maps.intersect_ranges([(0, 10), (20, 30)], [(5, 25)]) == [(5, 10), (20, 25)]
+    # Generators are accepted (consumed once).
+    assert maps.intersect_ranges(iter([(0, 10)]), iter([(5, 25)])) == [(5, 10)]
 
 
 _ranges = st.lists(

@@ -26,6 +26,7 @@ import select
 import signal
 import socket
 import time
+from pathlib import Path
 
 
 class _Stop(Exception):
@@ -141,7 +142,7 @@ def main() -> None:
         tmp = f"{a.out}.tmp.{os.getpid()}"
         with open(tmp, "w") as f:
             json.dump(res, f)
-        os.replace(tmp, a.out)
+        Path(tmp).replace(a.out)
         if sock is not None:
             sock.close()
 

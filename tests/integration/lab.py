@@ -48,6 +48,14 @@ NETNS_DIR = Path("/run/netns")
 RESERVE_DIR = Path("/run/phaul-lab")
 TINI = "/usr/bin/tini"
 WORKLOADS = Path(__file__).resolve().parent.parent / "workloads"
+# The demo's TCP service and probe ship with phaul (`phaul demo` uses them); tests use the same.
+DEMO = Path(__file__).resolve().parent.parent.parent / "phaul" / "demo"
+
+
+def workload_path(script: str) -> Path:
+    """tests/workloads/SCRIPT, or phaul/demo/SCRIPT for the demo's service and probe."""
+    path = WORKLOADS / script
+    return path if path.exists() else DEMO / script
 
 
 def _ip(*args: str, netns: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -350,7 +358,7 @@ class Host:
     ) -> Workload:
         """Start ``tests/workloads/<script>`` with the system python3 and ``args``."""
         return self.start_workload(
-            ["python3", str(WORKLOADS / script), *args], own_pidns=own_pidns, **kw
+            ["python3", str(workload_path(script)), *args], own_pidns=own_pidns, **kw
         )
 
     def start_script(
@@ -364,7 +372,7 @@ class Host:
         logpath = Path(log) if log is not None else self._lab().tmpfile(script, ".log")
         with open(os.devnull, "rb") as devnull, open(logpath, "ab") as out:
             return self.popen(
-                ["python3", str(WORKLOADS / script), *args],
+                ["python3", str(workload_path(script)), *args],
                 stdin=devnull, stdout=out, stderr=subprocess.STDOUT,
             )  # fmt: skip
 

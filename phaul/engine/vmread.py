@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 IOV_MAX = 1024
 DEFAULT_BUFFER_BYTES = 64 << 20
 LARGE_IOV_BYTES = 1 << 20
+MADV_POPULATE_WRITE = 23  # Linux >= 5.14; not in Python 3.11's mmap module
 
 
 class IoVec(ctypes.Structure):
@@ -117,11 +118,14 @@ class VmReader:
         self.buffer_bytes = buffer_bytes
         self.max_iov_bytes = min(max_iov_bytes or buffer_bytes, buffer_bytes)
         self.iov_max = iov_max
-        self._buf = mmap.mmap(
-            -1,
-            buffer_bytes,
-            flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE,
-        )
+        self._buf = mmap.mmap(-1, buffer_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        # Huge pages for the buffer (THP is often "madvise"): fewer TLB misses in the copy.
+        self._buf.madvise(mmap.MADV_HUGEPAGE)
+        try:
+            self._buf.madvise(MADV_POPULATE_WRITE)  # pre-fault now, not during the first read
+        except OSError:
+            for off in range(0, buffer_bytes, PAGE_SIZE):
+                self._buf[off] = 0
         self._view = memoryview(self._buf)
         self._buf_addr = ctypes.addressof(ctypes.c_char.from_buffer(self._buf))
         self._local = (IoVec * 1)()

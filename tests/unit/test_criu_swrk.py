@@ -22,7 +22,7 @@ from phaul.pb import criu_stats_pb2
 def _stats_file(
     path: Path, entry: criu_stats_pb2.stats_entry, head: int = IMG_SERVICE_MAGIC
 ) -> None:
-    body = entry.SerializeToString()
+    body = entry.SerializePartialToString()
     path.write_bytes(struct.pack("<III", head, STATS_MAGIC, len(body)) + body)
 
 

@@ -10,6 +10,7 @@ shares (imported by test_hashtrack.py and test_softdirty.py):
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import shutil
@@ -25,6 +26,7 @@ import pytest
 
 from phaul.engine import uffd
 from phaul.engine.maps import PAGE_SIZE, Range, is_private_writable, read_maps, subtract_ranges
+from phaul.engine.pagemap import PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PagemapFile
 from phaul.engine.tracker import DirtyRanges, DirtyTracker, choose_tracker
 from phaul.engine.vmread import VmReader
 
@@ -385,9 +387,11 @@ def _tail(d: Path) -> str:
     return "".join(p.read_text()[-3000:] for p in d.glob("*.log"))
 
 
-def test_criu_dump_and_restore_after_tracking(lockstep_bin: Path, tmp_path: Path) -> None:
-    """A process that was tracked (holes left unarmed) and untracked again dumps and restores
-    with CRIU, memory intact."""
+@pytest.mark.parametrize("while_tracked", [False, True], ids=["untracked", "tracked"])
+def test_criu_dump_and_restore(tmp_path: Path, while_tracked: bool) -> None:
+    """A process that is tracked, or was tracked and untracked again, dumps and restores with
+    CRIU with its memory intact, and the never-populated holes of a sparse mapping are not
+    dumped (armed holes would look like swapped pages to CRIU)."""
     memcheck = tmp_path / "memcheck"
     script = r"""
 import hashlib, mmap, os, signal, sys, time
@@ -395,11 +399,15 @@ sparse = mmap.mmap(-1, 64 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 dense = bytearray(os.urandom(3 << 20))
 for i in range(0, 64 << 20, 1 << 20):
     sparse[i : i + 8] = i.to_bytes(8, "little")
-def digest():
-    return hashlib.sha256(bytes(dense) + sparse[:]).hexdigest()
+def digest(full):
+    h = hashlib.sha256(bytes(dense))
+    for i in range(0, 64 << 20, 1 << 20):
+        h.update(sparse[i : i + 4096])
+    # Reading the whole sparse mapping would populate it (zero pages): only after restore.
+    return h.hexdigest() + (" " + hashlib.sha256(sparse[:]).hexdigest() if full else "")
 def report(sig, frame):
     with open(sys.argv[1], "a") as f:
-        f.write(digest() + "\n")
+        f.write(digest(sig != 0) + "\n")
 signal.signal(signal.SIGUSR1, report)
 report(0, None)
 while True:
@@ -424,16 +432,33 @@ while True:
             assert time.monotonic() < deadline
             time.sleep(0.02)
         before = memcheck.read_text().split()[0]
+        expected_sparse = bytearray(64 << 20)
+        for i in range(0, 64 << 20, 1 << 20):
+            expected_sparse[i : i + 8] = i.to_bytes(8, "little")
+        sparse_digest = hashlib.sha256(expected_sparse).hexdigest()
         tracker.start(proc.pid)
         for _ in range(3):
             tracker.collect()
             time.sleep(0.05)
-        tracker.stop()
+        # Holes stay unarmed: no uffd-wp markers (which scan as SWAPPED) in the sparse mapping.
+        sparse = next(m for m in read_maps(proc.pid) if m.size == 64 << 20)
+        with PagemapFile(proc.pid) as pm:
+            regions = pm.scan(
+                sparse.start,
+                sparse.end,
+                category_anyof_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+                return_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+            )
+        assert sum(e - s for s, e, c in regions if c & PAGE_IS_SWAPPED) == 0
+        assert sum(e - s for s, e, _ in regions) == 64 * PAGE_SIZE
+        if not while_tracked:
+            tracker.stop()
         _criu(
             ["dump", "-t", str(proc.pid), "-D", str(dump_dir), "-o", "dump.log", "-j", "-v4"],
             dump_dir,
         )
         proc.wait(10)
+        tracker.stop()  # the process is gone: must not raise
         # Not detached: CRIU stays the parent of the restored process and reaps it.
         with open(tmp_path / "restore.out", "wb") as out:
             restorer = subprocess.Popen(
@@ -454,10 +479,10 @@ while True:
         restored_pid = int((tmp_path / "pid").read_text())
         os.kill(restored_pid, signal.SIGUSR1)
         deadline = time.monotonic() + 10
-        while len(memcheck.read_text().split()) < 2:
+        while len(memcheck.read_text().split()) < 3:
             assert time.monotonic() < deadline, "restored process did not answer"
             time.sleep(0.02)
-        assert memcheck.read_text().split()[1] == before
+        assert memcheck.read_text().split()[1:] == [before, sparse_digest]
         pages = sum(p.stat().st_size for p in dump_dir.glob("pages-*.img"))
         assert pages < 40 << 20, f"dump has {pages} bytes of pages: holes were dumped"
     finally:

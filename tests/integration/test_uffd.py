@@ -25,8 +25,15 @@ from pathlib import Path
 import pytest
 
 from phaul.engine import uffd
-from phaul.engine.maps import PAGE_SIZE, Range, is_private_writable, read_maps, subtract_ranges
-from phaul.engine.pagemap import PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PagemapFile
+from phaul.engine.maps import (
+    PAGE_SIZE,
+    Range,
+    is_private_writable,
+    read_maps,
+    read_vmflags,
+    subtract_ranges,
+)
+from phaul.engine.pagemap import PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PM_UFFD_WP, PagemapFile
 from phaul.engine.tracker import DirtyRanges, DirtyTracker, choose_tracker
 from phaul.engine.vmread import VmReader
 
@@ -284,6 +291,12 @@ def test_self_test_passes_on_this_kernel() -> None:
 def test_lockstep_no_missed_page(lockstep: Lockstep) -> None:
     checked = run_lockstep_rounds(lockstep, uffd.UffdTracker(), rounds=150, seed=1, exact=True)
     assert checked > 1000
+    # stop() left nothing behind: no uffd-wp registration, no protected page.
+    pid = lockstep.proc.pid
+    assert not any("uw" in flags for flags in read_vmflags(pid).values())
+    with PagemapFile(pid) as pm:
+        entries = pm.entries(lockstep.base, lockstep.base + lockstep.npages * PAGE_SIZE)
+    assert not any(e & PM_UFFD_WP for e in entries)
 
 
 def test_lockstep_negative_control(lockstep: Lockstep) -> None:

@@ -331,6 +331,7 @@ class UffdTracker:
         vanished = subtract_ranges(self._domain, domain)
         self._domain = domain
         self._present = present
+        self._registered = merge_ranges(self._registered)
         # Forget refusals of ranges that are no longer mapped as such.
         self._refused = {
             k: v for k, v in self._refused.items() if k in {(m.start, m.end) for m in domain_maps}

@@ -112,17 +112,17 @@ async def client_handshake(
             f"the agent refused our TLS certificate ({err.reason or err}): use a certificate "
             "and key issued by the agent's CA (--tls-cert/--tls-key)"
         ) from err
-    except ConnectionResetError as err:
-        raise ProtocolError("the agent closed the connection during the handshake") from err
-    except ProtocolError as err:
+    except (ConnectionResetError, ProtocolError) as err:
         # TLS 1.3: the agent checks our certificate after our side of the handshake finished;
-        # a refusal shows up here as the connection closing before any frame.
+        # a refusal shows up here as the connection closing (or reset) before any frame.
         if chan.bytes_received == 0 and chan.writer.get_extra_info("ssl_object") is not None:
             raise AuthError(
                 "the agent closed the TLS connection before answering: it refused our "
                 "certificate (use --tls-cert/--tls-key issued by the agent's CA)"
             ) from err
-        raise
+        if isinstance(err, ProtocolError):
+            raise
+        raise ProtocolError("the agent closed the connection during the handshake") from err
 
 
 async def _client_handshake(

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from phaul.engine import maps
+from phaul.engine.proctree import read_stat, threads
 from phaul.engine.vmread import VmReader
 from phaul.errors import ProcessGone
 from tests.workloads.memwriter import MAGIC2, PAGE, Memwriter, build, expected_page, page_gen
@@ -154,3 +155,42 @@ def test_dead_process_raises_process_gone(tmp_path: Path, binary: Path) -> None:
             list(reader.read([(mw.addr, mw.size)]))
     finally:
         mw.stop()
+
+
+def test_frozen_dirtying_writer_reads_consistent(tmp_path: Path, binary: Path) -> None:
+    # 2 threads rewrite pages at 40 MiB/s, logging each write. Frozen with SIGSTOP, every page
+    # read must be at the generation of its last logged write before the freeze, except a page
+    # a thread was writing at that instant (it may be torn).
+    import struct
+
+    with Memwriter.start(tmp_path, mib=16, rate=40, threads=2, log=True, binary=binary) as mw:
+        time.sleep(0.5)
+        assert mw.verify() == f"ok pages={mw.pages} bad=0"
+        os.kill(mw.pid, signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + 10
+            while any(read_stat(t).state != "T" for t in threads(mw.pid)):
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+            t_freeze = time.monotonic_ns()
+            gens: dict[int, int | None] = {}
+            for addr, view in VmReader(mw.pid, 4 << 20).read([(mw.addr, mw.size)]):
+                for off in range(0, len(view), PAGE):
+                    idx = mw.page_index(addr + off)
+                    gens[idx] = page_gen(view[off : off + PAGE], idx)
+        finally:
+            os.kill(mw.pid, signal.SIGCONT)
+        mw.stop()  # SIGTERM: the writers flush their logs
+        assert len(gens) == mw.pages
+        last: dict[int, int] = {}
+        inflight: set[int] = set()
+        for path in mw.log_files():
+            for before, after, page, gen in struct.iter_unpack("<QQII", path.read_bytes()):
+                if after < t_freeze:
+                    last[page] = max(gen, last.get(page, 0))
+                elif before < t_freeze:
+                    inflight.add(page)
+        assert len(last) > 100, "writers logged too little"
+        assert len(inflight) <= 2
+        wrong = [p for p, g in gens.items() if g != last.get(p, 0) and p not in inflight]
+        assert wrong == []

@@ -58,7 +58,10 @@ def test_fallback_agrees_with_scan(region: tuple[mmap.mmap, int]) -> None:
     m, addr = region
     _touch(m, list(range(0, NPAGES, 5)))
     with pagemap.PagemapFile(os.getpid()) as pm:
-        by_scan = pm.present_ranges(_own_mapping(addr))
+        # The VMA may have merged with a neighbour: compare within our pages only.
+        by_scan = maps.intersect_ranges(
+            pm.present_ranges(_own_mapping(addr)), [(addr, addr + NPAGES * PAGE)]
+        )
         by_entries = pagemap._present_by_entries(pm.fileno(), addr, addr + NPAGES * PAGE)
         entries = pm.entries(addr, addr + NPAGES * PAGE)
     assert by_scan == by_entries

@@ -259,6 +259,12 @@ class Swrk:
             argv = [criu.path, "swrk", str(theirs.fileno())]
         if netns:
             argv = ["nsenter", f"--net={netns}", *argv]
+        env = None
+        if fresh_pidns:
+            # nsinit must import phaul even when phaul runs from a checkout (cwd is "/").
+            here = str(Path(__file__).resolve().parents[2])
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
         stderr = tempfile.TemporaryFile(prefix="phaul-swrk-")  # noqa: SIM115 - owned by Swrk
         try:
             proc = subprocess.Popen(
@@ -269,6 +275,7 @@ class Swrk:
                 stderr=stderr,
                 start_new_session=True,
                 cwd="/",
+                env=env,
             )
         except OSError as err:
             for s in (ours, theirs, ctl_ours, ctl_theirs):
@@ -319,9 +326,8 @@ class Swrk:
         if self._closed:
             return
         self._closed = True
-        if self.init_pid is not None and not self._handed_over:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.init_pid, signal.SIGKILL)  # ends the whole pid namespace
+        if self.init_pid is not None and not self._handed_over and self._proc.poll() is None:
+            self._end_namespace()
         if not self._handed_over and self._proc.poll() is None:
             # criu exits by itself after answering; give it a moment before the kill.
             try:
@@ -555,14 +561,13 @@ class Swrk:
         return msg
 
     def _await_nsinit(self, deadline: float) -> None:
-        while self._criu_pid_in_ns is None:
+        # "init" (from the holder) and "ready" (from the init) may arrive in either order.
+        while self._criu_pid_in_ns is None or self.init_pid is None:
             word, _, arg = self._ctl_recv(deadline).partition(" ")
             if word == "init":
                 self.init_pid = int(arg)
             elif word == "ready":
                 self._criu_pid_in_ns = int(arg)
-        if self.init_pid is None:
-            raise CriuError("the fresh pid namespace init did not report its PID")
 
     def _join_timens(self, root_in_ns: int) -> bool:
         """fresh_pidns: make the namespace's init join the restored root's time namespace."""
@@ -686,10 +691,24 @@ class Swrk:
 
     def _on_timeout(self, kill_tree: bool) -> None:
         if self.init_pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.init_pid, signal.SIGKILL)
+            self._end_namespace()  # kills criu and any restored tree with it
+            return
         self._proc.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._proc.wait(timeout=5)
         if kill_tree:
             self._kill_restored()
+
+    def _end_namespace(self) -> None:
+        """fresh_pidns: SIGKILL the namespace's init (the kernel then kills every process in
+        it); the holder reaps the init and exits, and we reap the holder.
+        """
+        assert self.init_pid is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.init_pid, signal.SIGKILL)
+        try:
+            self._proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            log.warning("nsinit holder %d did not exit; killing it", self._proc.pid)
+            self._proc.kill()
+            self._proc.wait()

@@ -52,6 +52,11 @@ def _state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
+def _stopped(pid: int) -> None:
+    """CRIU detaches a leave_stopped tree with a SIGSTOP: the state becomes T a moment later."""
+    _wait_for(lambda: _state(pid) == "T", timeout=2, what=f"{pid} to be stopped")
+
+
 def _wait_for(cond: object, timeout: float = 5.0, what: str = "condition") -> None:
     assert callable(cond)
     deadline = time.monotonic() + timeout
@@ -135,7 +140,7 @@ def test_pidns_dump_leave_stopped_then_restore_keeps_counting(
             )
         assert "pre-dump" in dump_notifies
         assert dump_notifies[-1] == "post-dump"
-        assert _state(c.root) == "T"
+        _stopped(c.root)
         frozen_at = c.n()
         time.sleep(0.1)
         assert c.n() == frozen_at, "the source must stay frozen"
@@ -206,7 +211,7 @@ def test_bare_process_restored_in_fresh_pidns_while_source_frozen(
                 swrk.dump(
                     DumpOptions(pid=c.root, images_dir=images, leave_stopped=True), timeout=30
                 )
-            assert _state(c.root) == "T"
+            _stopped(c.root)
             frozen_at = c.n()
             res = target.restore(RestoreOptions(images_dir=images), timeout=30)
         with _reaped(res.child_pid):
@@ -218,7 +223,7 @@ def test_bare_process_restored_in_fresh_pidns_while_source_frozen(
             # one time namespace for the whole pid namespace (init joined the root's)
             assert nsutil.ns_id(res.init_pid, "time") == nsutil.ns_id(res.pid, "time")
             _wait_for(lambda: c.n() >= frozen_at + 5, what="the restored counter")
-            assert _state(c.root) == "T"
+            _stopped(c.root)
             rows = _lines(c.out)
             assert [n for n, _ in rows] == list(range(1, len(rows) + 1))
             # The namespace ends when the restored root exits; the holder reports it.
@@ -308,4 +313,24 @@ def test_pre_resume_refusal_kills_and_reaps_the_restored_tree(
         assert not Path(f"/proc/{roots[0]}").exists()
         time.sleep(0.1)
         assert c.n() == frozen_at
-        assert _state(c.root) == "T"
+        _stopped(c.root)
+
+
+def test_fresh_pidns_restore_timeout_ends_the_namespace(criu: CriuBinary, tmp_path: Path) -> None:
+    images = tmp_path / "img"
+    images.mkdir()
+    with _counter(tmp_path, pidns=False) as c:
+        target = Swrk.spawn(criu, fresh_pidns=True)
+        init = target.init_pid
+        assert init is not None
+        with Swrk.spawn(criu) as swrk:
+            swrk.dump(DumpOptions(pid=c.root, images_dir=images, leave_stopped=True), timeout=30)
+        frozen_at = c.n()
+        with target, pytest.raises(CriuError) as exc:
+            target.restore(RestoreOptions(images_dir=images), timeout=0.02)
+        assert exc.value.detail == "timeout"
+        assert not Path(f"/proc/{init}").exists(), "the namespace init was killed"
+        assert target._proc.returncode is not None, "the holder was reaped"
+        time.sleep(0.2)
+        assert c.n() == frozen_at
+        _stopped(c.root)

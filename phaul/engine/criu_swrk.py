@@ -77,6 +77,12 @@ class DumpOptions:
     leave_running: bool = False
     shell_job: bool = False
     page_server_fd: int | None = None  # must be in Swrk.spawn(pass_fds=...)
+    #: ps.port: with lazy_pages the port the lazy page server listens on (0: any free port).
+    #: CRIU 4.2 ignores ps.address for a lazy dump over RPC (cr-service.c) and listens on
+    #: INADDR_ANY: give the address as a global option, Swrk.spawn(criu_args=["--address", A]).
+    page_server_port: int | None = None
+    #: ps.address: the page server to connect to (non-lazy dumps only, see page_server_port)
+    page_server_address: str | None = None
     lazy_pages: bool = False
     status_fd: int | None = None  # open in this process
     ext_unix_sk: bool = False
@@ -232,17 +238,22 @@ class Swrk:
         fresh_pidns: bool = False,
         pass_fds: Sequence[int] = (),
         start_timeout: float = START_TIMEOUT,
+        criu_args: Sequence[str] = (),
     ) -> Swrk:
         """Start ``criu swrk`` (in network namespace ``netns``, a path such as /run/netns/x;
         in a new pid namespace with ``fresh_pidns``) and check that it answers.
 
         ``pass_fds``: extra fds criu must hold under the same numbers (a page-server socket for
-        DumpOptions.page_server_fd). Raises CriuError when the worker does not come up.
+        DumpOptions.page_server_fd). ``criu_args``: global CRIU options placed before ``swrk``
+        (e.g. ``--address 127.0.0.1``, which RPC cannot set for a lazy dump's page server);
+        not with ``fresh_pidns``. Raises CriuError when the worker does not come up.
         """
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ctl_ours: socket.socket | None = None
         ctl_theirs: socket.socket | None = None
         fds = [theirs.fileno(), *pass_fds]
+        if criu_args and fresh_pidns:
+            raise ValueError("criu_args are not supported with fresh_pidns")
         if fresh_pidns:
             ctl_ours, ctl_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             fds.append(ctl_theirs.fileno())
@@ -256,7 +267,7 @@ class Swrk:
                 str(theirs.fileno()),
             ]
         else:
-            argv = [criu.path, "swrk", str(theirs.fileno())]
+            argv = [criu.path, *criu_args, "swrk", str(theirs.fileno())]
         if netns:
             argv = ["nsenter", f"--net={netns}", *argv]
         env = None
@@ -385,6 +396,10 @@ class Swrk:
             )
             if opts.page_server_fd is not None:
                 o.ps.fd = opts.page_server_fd
+            if opts.page_server_port is not None:
+                o.ps.port = opts.page_server_port
+            if opts.page_server_address is not None:
+                o.ps.address = opts.page_server_address
             if opts.status_fd is not None:
                 o.status_fd = opts.status_fd
             what = f"dump of PID {opts.pid}"

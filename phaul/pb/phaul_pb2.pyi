@@ -327,10 +327,17 @@ class Prepare(_message.Message):
     ADDRESSES_FIELD_NUMBER: _builtins.int
     FRESH_PIDNS_FIELD_NUMBER: _builtins.int
     TCP_ESTABLISHED_FIELD_NUMBER: _builtins.int
+    PRECOPY_FIELD_NUMBER: _builtins.int
     migration_id: _builtins.str
     fresh_pidns: _builtins.bool
     """restore into a new pid namespace under phaul's init"""
     tcp_established: _builtins.bool
+    precopy: _builtins.bool
+    """Pre-copy: memory arrives on a "precopy" page stream into flat per-process images before
+    the freeze; the final dump's images (pagemap/pages with only the last writes) then come as
+    ImageFiles and name that flat image as their parent. Otherwise CRIU's page stream ("criu")
+    carries all memory during the freeze.
+    """
     @_builtins.property
     def addresses(self) -> _containers.RepeatedCompositeFieldContainer[Global___Address]: ...
     def __init__(
@@ -340,10 +347,11 @@ class Prepare(_message.Message):
         addresses: _abc.Iterable[Global___Address] | None = ...,
         fresh_pidns: _builtins.bool = ...,
         tcp_established: _builtins.bool = ...,
+        precopy: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "fresh_pidns", b"fresh_pidns", "migration_id", b"migration_id", "tcp_established", b"tcp_established"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "fresh_pidns", b"fresh_pidns", "migration_id", b"migration_id", "precopy", b"precopy", "tcp_established", b"tcp_established"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -77,6 +77,8 @@ class TargetSession:
         self.images_dir: Path | None = None
         self.addresses: list[tuple[ipaddress.IPv4Interface, str]] = []
         self.fresh_pidns = False
+        self.precopy = False
+        self.precopy_dir: Path | None = None
         self.page_stats: Any = None
         self.page_done: asyncio.Future[Any] | None = None
         self.image_bytes = 0
@@ -186,10 +188,14 @@ class TargetSession:
         self.machine.advance(Phase.DUMP)
         self._journal()
         self.fresh_pidns = msg.fresh_pidns
+        self.precopy = msg.precopy
         self.workdir = self.agent.config.workdir / self.migration_id
         self.workdir.mkdir(parents=True, exist_ok=False)
         self.images_dir = self.workdir / "images"
         self.images_dir.mkdir()
+        if self.precopy:
+            self.precopy_dir = self.workdir / "precopy"
+            self.precopy_dir.mkdir()
         self.journal = Journal(self.workdir)
         self._journal()
         for addr in msg.addresses:
@@ -217,13 +223,20 @@ class TargetSession:
 
         assert self.page_done is not None and self.images_dir is not None
         try:
-            if stream != "criu":
-                raise ProtocolError(f"unknown page stream kind {stream!r}")
+            expected = "precopy" if self.precopy else "criu"
+            if stream != expected:
+                raise ProtocolError(f"page stream {stream!r} not expected (want {expected!r})")
             if self.phase is not Phase.DUMP or self.page_done.done():
                 raise ProtocolError("page stream not expected now")
-            receiver = CriuPageReceiver(
-                self.images_dir, max_bytes=self.agent.config.max_image_bytes or None
-            )
+            quota = self.agent.config.max_image_bytes or None
+            receiver: Any
+            if self.precopy:
+                from phaul.page_server.precopy_receiver import PrecopyReceiver
+
+                assert self.precopy_dir is not None
+                receiver = PrecopyReceiver(self.precopy_dir, max_bytes=quota)
+            else:
+                receiver = CriuPageReceiver(self.images_dir, max_bytes=quota)
             stats = await asyncio.to_thread(receiver.serve, sock)
             if not self.page_done.done():
                 self.page_done.set_result(stats)
@@ -254,11 +267,16 @@ class TargetSession:
         if open_files:
             raise ProtocolError("image files left incomplete")
         self.page_stats = await asyncio.wait_for(self.page_done, STEP_TIMEOUT)
+        if self.precopy:
+            # The final dump's page maps name the pre-copy images as their parent.
+            (self.images_dir / "parent").symlink_to("../precopy")
         fault("target-exit-after-images")
 
     def _write_image_chunk(self, msg: pb.ImageFile, open_files: dict[str, Any]) -> None:
         assert self.images_dir is not None
-        if not IMAGE_NAME.match(msg.name) or msg.name.startswith(("pages-", "pagemap-")):
+        # Without pre-copy, pages come only through the page store (CRIU's page stream).
+        page_image = msg.name.startswith(("pages-", "pagemap-"))
+        if not IMAGE_NAME.match(msg.name) or (page_image and not self.precopy):
             raise ProtocolError(f"refusing image file name {msg.name!r}")
         self.image_bytes += len(msg.data)
         limit = self.agent.config.max_image_bytes
@@ -300,7 +318,10 @@ class TargetSession:
 
         def on_notify(name: str, notify: Any) -> bool:
             if name == "post-restore":
-                self.root_pid = int(getattr(notify, "pid", 0) or self.root_pid)
+                # In a fresh pid namespace CRIU names the root by its inner PID; killing the
+                # namespace's init (what the journal needs) kills the whole tree.
+                inner = int(getattr(notify, "pid", 0) or 0)
+                self.root_pid = self.swrk.init_pid or inner or self.root_pid
                 self._journal()
             if name != "pre-resume":
                 return True
@@ -387,3 +408,5 @@ class TargetSession:
                 with contextlib.suppress(OSError):
                     logfile.rename(self.workdir / logfile.name)
             shutil.rmtree(self.images_dir, ignore_errors=True)
+        if self.precopy_dir is not None:
+            shutil.rmtree(self.precopy_dir, ignore_errors=True)

@@ -162,6 +162,53 @@ def build_parser() -> argparse.ArgumentParser:
         help="give up (and roll back) if the target has not restored in S seconds",
     )
     m.add_argument("--json", action="store_true", help="progress events as JSON lines on stdout")
+    pc = m.add_argument_group(
+        "pre-copy",
+        "Memory is copied while the tree runs, then again what it wrote meanwhile, until the "
+        "predicted freeze fits --max-downtime; the final dump then moves only the last writes.",
+    )
+    pc.add_argument(
+        "--precopy",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="auto: on when the tree has at least 16 MiB of private memory "
+        "(off = plain stop-and-copy, the baseline)",
+    )
+    pc.add_argument(
+        "--tracker",
+        choices=("auto", "uffd", "hash", "soft-dirty"),
+        default="auto",
+        help="how written pages are found: userfaultfd write-protect (exact, "
+        "kernel >= 6.7), soft-dirty bits, or content hashing (any kernel)",
+    )
+    pc.add_argument(
+        "--max-downtime",
+        type=float,
+        default=300.0,
+        metavar="MS",
+        help="stop pre-copy once the predicted freeze is below MS (default 300)",
+    )
+    pc.add_argument(
+        "--max-iterations",
+        type=int,
+        default=8,
+        metavar="N",
+        help="at most N pre-copy passes (default 8)",
+    )
+    pc.add_argument(
+        "--on-no-converge",
+        choices=("throttle", "stop-and-copy", "abort"),
+        default="throttle",
+        help="when the tree writes faster than the link: cap its CPU in steps "
+        "(default), just do the final dump, or give up (nothing changed)",
+    )
+    pc.add_argument(
+        "--compress",
+        choices=("none", "lz4", "zstd"),
+        default="none",
+        help="compress pre-copy pages (helps on slow links; zero pages are always "
+        "sent as markers only)",
+    )
     _add_tls_options(m)
     s = m.add_argument_group("SSH (--to ssh://[user@]host[:port]; uses ssh-agent and ~/.ssh)")
     s.add_argument(

@@ -20,6 +20,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from phaul.errors import UsageError
+
 
 class Decision(enum.Enum):
     CONTINUE = "continue"
@@ -40,7 +42,11 @@ class ConvergencePolicy:
 
     def __post_init__(self) -> None:
         if self.on_no_converge not in ("throttle", "stop-and-copy", "abort"):
-            raise ValueError(f"unknown on_no_converge {self.on_no_converge!r}")
+            raise UsageError(f"unknown --on-no-converge {self.on_no_converge!r}")
+        if self.max_iterations < 1:
+            raise UsageError("--max-iterations must be at least 1")
+        if self.max_downtime_ms <= 0:
+            raise UsageError("--max-downtime must be positive (milliseconds)")
 
 
 @dataclass
@@ -107,8 +113,7 @@ class Convergence:
         goal = max(pol.max_downtime_ms, self.fixed_ms + 0.25 * pol.max_downtime_ms)
         if rec.predicted_ms <= goal:
             self.reason = (
-                f"converged: predicted downtime {rec.predicted_ms:.0f} ms "
-                f"<= {goal:.0f} ms"
+                f"converged: predicted downtime {rec.predicted_ms:.0f} ms <= {goal:.0f} ms"
             )
             return self._set(rec, Decision.FINAL)
         prev = self.passes[-2].dirty_bytes if len(self.passes) >= 2 else None

@@ -24,10 +24,12 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sys
+import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +41,14 @@ from phaul.errors import (
     MigrationAborted,
     PhaulError,
     PreflightFailed,
+    ProcessGone,
     UsageError,
 )
 from phaul.pb import phaul_pb2 as pb
 from phaul.phase import Phase, PhaseMachine
 from phaul.protocol.auth import client_handshake, load_token
 from phaul.protocol.framing import IMAGE_CHUNK, Channel
+from phaul.source.convergence import Convergence, ConvergencePolicy
 from phaul.source.pagerelay import PageRelay
 from phaul.source.report import Report
 from phaul.transport import Dialer, TcpDialer
@@ -67,7 +71,28 @@ class MigrateConfig:
     auto_ips: bool = True
     timeout: float = 120.0
     criu_path: str | None = None
+    precopy: str = "auto"  # "auto" | "on" | "off"
+    tracker: str = "auto"
+    policy: ConvergencePolicy = field(default_factory=ConvergencePolicy)
+    compress: str = "none"
     fault: str = field(default_factory=lambda: os.environ.get("PHAUL_FAULT", ""))
+
+
+PRECOPY_AUTO_BYTES = 16 << 20
+
+
+def anon_bytes(pids: list[int]) -> int:
+    """Private anonymous memory of the processes (what pre-copy and CRIU's page dump move)."""
+    total = 0
+    for pid in pids:
+        try:
+            text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("Anonymous:"):
+                total += int(line.split()[1]) * 1024
+    return total
 
 
 @dataclass
@@ -114,6 +139,7 @@ class SourceMigration:
         self.post_dump_error: BaseException | None = None
         self.relay: PageRelay | None = None
         self.bridge: Bridge | None = None
+        self.precopy: Any = None
 
     def _phase(self, to: Phase) -> None:
         self.machine.advance(to)
@@ -138,6 +164,8 @@ class SourceMigration:
                 self.relay.close()
             if self.bridge is not None:
                 await self.bridge.close()
+            if self.precopy is not None:
+                await asyncio.to_thread(self.precopy.stop)
             await self.dialer.close()
         return self.report
 
@@ -172,40 +200,128 @@ class SourceMigration:
             await self.chan.send(pb.Abort(reason="preflight failed"))
             raise PreflightFailed("target refused: " + "; ".join(reply.problems))
 
+        anon = anon_bytes(root.pids)
+        use_precopy = cfg.precopy == "on" or (cfg.precopy == "auto" and anon >= PRECOPY_AUTO_BYTES)
+        self.report.precopy = use_precopy
         await self.chan.send(
             pb.Prepare(
                 migration_id=self.id,
                 addresses=[pb.Address(cidr=str(a)) for a in self.addresses],
                 fresh_pidns=not root.own_pidns,
                 tcp_established=True,
+                precopy=use_precopy,
             )
         )
         prep = await self.chan.recv(pb.PrepareReply, 60)
-        self._phase(Phase.DUMP)
         self.images_dir.mkdir(parents=True)
-        page_reader, page_writer = await self.dialer.open()
-        await client_handshake(
-            Channel(page_reader, page_writer),
-            cfg.token,
-            role="pages",
-            ticket=prep.page_ticket,
-            stream="criu",
-        )
-        sock, self.bridge = await page_socket(page_reader, page_writer)
-        self.relay = PageRelay(sock)
-        self.relay.start()
-        await self._dump(root)
+        if use_precopy:
+            from phaul.engine.lazy_dump import check_fd_budget
 
-    async def _dump(self, root: DumpRoot) -> None:
+            check_fd_budget(anon)  # before anything is frozen
+            self._phase(Phase.PRECOPY)
+            sock = await self._page_connection(prep.page_ticket, "precopy")
+            try:
+                await self._precopy(root, sock, anon)
+            finally:
+                sock.close()
+            self._phase(Phase.DUMP)
+            await self._dump(root, lazy=True)
+        else:
+            self._phase(Phase.DUMP)
+            sock = await self._page_connection(prep.page_ticket, "criu")
+            self.relay = PageRelay(sock)
+            self.relay.start()
+            await self._dump(root, lazy=False)
+
+    async def _page_connection(self, ticket: bytes, stream: str) -> socket.socket:
+        reader, writer = await self.dialer.open()
+        await client_handshake(
+            Channel(reader, writer), self.cfg.token, role="pages", ticket=ticket, stream=stream
+        )
+        sock, self.bridge = await page_socket(reader, writer)
+        return sock
+
+    async def _precopy(self, root: DumpRoot, sock: socket.socket, anon: int) -> None:
+        from phaul.source.page_sender import PageSender
+        from phaul.source.precopy import Precopy, tree_vpids
+
+        cfg = self.cfg
+        sender = PageSender(sock, codec=cfg.compress)
+        gib = anon / (1 << 30)
+        # Freeze costs that do not shrink with pre-copy: CRIU freezing and dumping the tree's
+        # state (~150 ms for a small tree), pinning every page in the lazy dump (~100 ms/GiB)
+        # and the eager restore of all memory on the target (~300 ms/GiB).
+        fixed_ms = 150.0 + 400.0 * gib
+        procs = tree_vpids(root.pid, root.pids)
+        pre = Precopy(
+            procs,
+            tracker=cfg.tracker,
+            sender=sender,
+            convergence=Convergence(cfg.policy, fixed_ms=fixed_ms),
+            emit=self.emit,
+        )
+        self.precopy = pre
+        await asyncio.to_thread(pre.start)
+        self.report.tracker = pre.tracker_name
+        try:
+            result = await asyncio.to_thread(pre.run)
+        finally:
+            sender.close()
+        # End of the stream: the target commits its flat images and answers nothing more.
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+        self.report.passes = [asdict(p) for p in result.passes]
+        self.report.precopy_reason = result.reason
+        self.report.page_bytes += result.bytes_wire
+        self.report.predicted_downtime_ms = round(result.passes[-1].predicted_ms, 1)
+        self.report.mark("precopy_done")
+
+    async def _dump(self, root: DumpRoot, *, lazy: bool) -> None:
+        """CRIU's final dump; the hand-off happens inside its post-dump notify.
+
+        ``lazy`` (after pre-copy): CRIU dumps page maps without page data and keeps the tree
+        frozen; at post-dump we rewrite them against the pre-copy images (only pages written
+        since the last pass are read, from the frozen tree). CRIU then starts a page server for
+        the lazy pages and says so on the status fd; we end it with connect+close, after which
+        CRIU applies the post-dump decision (kill the source, or resume it). Never end a lazy
+        dump by killing criu: the tree would resume after a target restore.
+        Otherwise CRIU's page stream goes through the relay during the freeze.
+        """
         from phaul.engine.criu_swrk import DumpOptions, Swrk
 
-        assert self.relay is not None
         loop = asyncio.get_running_loop()
-        criu_fd = self.relay.criu_end.fileno()
-        swrk = await asyncio.to_thread(Swrk.spawn, self.criu, pass_fds=(criu_fd,))
-        # criu holds its own copy under the same number; ours must go, or CRIU closing the page
-        # stream would never reach the relay as end-of-file.
-        self.relay.release_criu_end()
+        finisher: threading.Thread | None = None
+        if lazy:
+            from phaul.engine.lazy_dump import LazyDumpEnd
+
+            end = LazyDumpEnd()
+            swrk = await asyncio.to_thread(Swrk.spawn, self.criu, criu_args=end.criu_args)
+            opts = DumpOptions(
+                pid=root.pid,
+                images_dir=self.images_dir,
+                tcp_established=True,
+                network_lock="nftables",
+                lazy_pages=True,
+                status_fd=end.status_fd,
+                page_server_port=end.port,
+            )
+            post_dump = self._at_post_dump_lazy
+            finisher = threading.Thread(target=end.run, name="lazy-dump-end", daemon=True)
+        else:
+            assert self.relay is not None
+            criu_fd = self.relay.criu_end.fileno()
+            swrk = await asyncio.to_thread(Swrk.spawn, self.criu, pass_fds=(criu_fd,))
+            # criu holds its own copy under the same number; ours must go, or CRIU closing the
+            # page stream would never reach the relay as end-of-file.
+            self.relay.release_criu_end()
+            opts = DumpOptions(
+                pid=root.pid,
+                images_dir=self.images_dir,
+                tcp_established=True,
+                network_lock="nftables",
+                page_server_fd=criu_fd,
+            )
+            post_dump = self._at_post_dump
 
         def on_notify(name: str, _notify: Any) -> bool:
             if name == "pre-dump":
@@ -215,20 +331,16 @@ class SourceMigration:
             if name != "post-dump":
                 return True
             self.report.mark("dumped")
-            fut = asyncio.run_coroutine_threadsafe(self._at_post_dump(), loop)
+            fut = asyncio.run_coroutine_threadsafe(post_dump(), loop)
             try:
                 return fut.result()
             except BaseException as err:  # noqa: BLE001 - any failure here means roll back
                 self.post_dump_error = err
                 return False
+            finally:
+                if finisher is not None:
+                    finisher.start()  # the decision is taken: let CRIU finish either way
 
-        opts = DumpOptions(
-            pid=root.pid,
-            images_dir=self.images_dir,
-            tcp_established=True,
-            network_lock="nftables",
-            page_server_fd=criu_fd,
-        )
         dump_log = str(self.images_dir.parent / "dump.log")
         self.report.logs["dump"] = dump_log
         try:
@@ -259,17 +371,72 @@ class SourceMigration:
         with contextlib.suppress(OSError):
             src.rename(self.images_dir.parent / "dump.log")
 
+    async def _at_post_dump_lazy(self) -> bool:
+        """Frozen after a lazy dump: rewrite its page maps against the pre-copy images."""
+        from phaul.engine.vmread import VmReader
+        from phaul.page_server.final_rewrite import rewrite_final
+
+        pre = self.precopy
+        assert pre is not None
+        try:
+            clean = await asyncio.to_thread(pre.final_collect)
+            pids = pre.pids_by_vpid()
+
+            def read_pages(vpid: int, ranges: list[tuple[int, int]]) -> Any:
+                pid = pids.get(vpid)
+                if pid is None:  # a process born during pre-copy: not tracked, read it all
+                    pid = self._host_pid(vpid)
+                yield from VmReader(pid, 16 << 20).read(ranges)
+
+            # The parent (the pre-copy images) lives on the target, which adds the link.
+            stats = await asyncio.to_thread(
+                rewrite_final,
+                self.images_dir,
+                clean=clean,
+                read_pages=read_pages,
+                parent_link=None,
+                require_parent=False,
+            )
+            self.report.final_pages = int(getattr(stats, "pages_read", 0))
+            self.report.mark("pages_sent")
+        except BaseException as err:
+            with contextlib.suppress(Exception):
+                assert self.chan is not None
+                await self.chan.send(pb.Abort(reason=str(err)[:200]))
+            raise
+        return await self._handoff()
+
+    def _host_pid(self, vpid: int) -> int:
+        pre = self.precopy
+        root = pre.procs[0].pid if pre and pre.procs else self.cfg.pid
+        from phaul.engine import nsutil
+
+        host = nsutil.host_pid_in(root, vpid)
+        if host is None:
+            raise ProcessGone(f"process {vpid} of the tree not found")
+        return host
+
     async def _at_post_dump(self) -> bool:
-        """Tree frozen and dumped: move images, restore on the target, commit or roll back."""
+        """Tree frozen and dumped through the relay: wait for the page stream, then hand off."""
         assert self.chan is not None and self.relay is not None
         try:
-            if self.cfg.fault == "post-dump":
-                raise MigrationAborted("fault injected at post-dump", phase="dump")
             done = await asyncio.to_thread(self.relay.wait, self.cfg.timeout)
             if not done or self.relay.error is not None:
                 raise ConnectError(f"page stream to the target failed: {self.relay.error}")
             self.report.page_bytes = self.relay.bytes_out
             self.report.mark("pages_sent")
+        except BaseException as err:
+            with contextlib.suppress(Exception):
+                await self.chan.send(pb.Abort(reason=str(err)[:200]))
+            raise
+        return await self._handoff()
+
+    async def _handoff(self) -> bool:
+        """Images to the target, restore there up to pre-resume, commit; True = committed."""
+        assert self.chan is not None
+        try:
+            if self.cfg.fault == "post-dump":
+                raise MigrationAborted("fault injected at post-dump", phase="dump")
             await self._send_images()
             self.report.mark("images_sent")
             self._phase(Phase.RESTORE)
@@ -456,6 +623,14 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         auto_ips=not args.no_move_ip,
         timeout=args.timeout,
         criu_path=args.criu,
+        precopy=args.precopy,
+        tracker=args.tracker,
+        policy=ConvergencePolicy(
+            max_downtime_ms=args.max_downtime,
+            max_iterations=args.max_iterations,
+            on_no_converge=args.on_no_converge,
+        ),
+        compress=args.compress,
     )
 
     def emit(event: str, **kw: Any) -> None:

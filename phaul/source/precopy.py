@@ -16,6 +16,7 @@ Runs in one thread (blocking I/O); the caller owns it.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -221,7 +222,20 @@ class Precopy:
         """At the freeze: the last writes; returns the clean ranges per vpid."""
         for p in self.procs:
             p.collect()
+        if os.environ.get("PHAUL_FAULT") == "precopy-drop-dirty-page":
+            self._drop_one_dirty_page()
         return {p.vpid: p.clean() for p in self.procs}
+
+    def _drop_one_dirty_page(self) -> None:
+        """Fault injection for tests: forget one written page, as a broken tracker would."""
+        for p in self.procs:
+            stale = intersect(p.pending, p.sent)
+            if stale:
+                s, e = max(stale, key=lambda r: r[1] - r[0])
+                page = s + ((e - s) // PAGE // 2) * PAGE
+                p.pending = subtract(p.pending, [(page, page + PAGE)])
+                log.warning("fault injected: page %#x of PID %d treated as clean", page, p.pid)
+                return
 
     def pids_by_vpid(self) -> dict[int, int]:
         return {p.vpid: p.pid for p in self.procs}

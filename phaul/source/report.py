@@ -27,6 +27,12 @@ class Report:
     criu_dump_stats: dict[str, int] = field(default_factory=dict)
     criu_restore_stats: dict[str, int] = field(default_factory=dict)
     logs: dict[str, str] = field(default_factory=dict)
+    precopy: bool = False
+    tracker: str = ""
+    passes: list[dict[str, Any]] = field(default_factory=list)
+    precopy_reason: str = ""
+    predicted_downtime_ms: float = 0.0
+    final_pages: int = 0  # pages read from the frozen tree by the final dump
     _t0: float = field(default_factory=time.monotonic, repr=False)
     _marks: dict[str, float] = field(default_factory=dict, repr=False)
 
@@ -73,6 +79,21 @@ class Report:
         )
         if self.addresses:
             lines.append(f"  moved:    {', '.join(self.addresses)}")
+        if self.passes:
+            lines.append(
+                f"  pre-copy: {len(self.passes)} passes ({self.tracker}); {self.precopy_reason}"
+            )
+            lines.append("    pass    pages      MB      s   dirty MB/s  goodput MB/s  predicted")
+            for p in self.passes:
+                lines.append(
+                    f"    {p['n']:4d} {p['pages']:8d} {p['bytes_wire'] / 1e6:7.1f} "
+                    f"{p['seconds']:6.2f} {p['dirty_rate_bps'] / 1e6:11.1f} "
+                    f"{p['goodput_bps'] / 1e6:13.1f} {p['predicted_ms']:8.0f} ms"
+                )
+            lines.append(
+                f"  final:    {self.final_pages} pages read while frozen; predicted downtime "
+                f"{self.predicted_downtime_ms:.0f} ms"
+            )
         if self.phases_ms:
             lines.append(
                 "  phases:   " + ", ".join(f"{k} {v:.0f} ms" for k, v in self.phases_ms.items())

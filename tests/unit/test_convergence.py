@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from phaul.errors import UsageError
 from phaul.source.convergence import Convergence, ConvergencePolicy, Decision
 
 MB = 1 << 20
@@ -62,5 +63,7 @@ def test_out_of_passes_goes_final_or_aborts() -> None:
 
 
 def test_bad_policy_rejected() -> None:
-    with pytest.raises(ValueError, match="on_no_converge"):
+    with pytest.raises(UsageError, match="on-no-converge"):
         ConvergencePolicy(on_no_converge="pray")
+    with pytest.raises(UsageError, match="max-iterations"):
+        ConvergencePolicy(max_iterations=0)

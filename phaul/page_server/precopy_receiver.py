@@ -23,13 +23,22 @@ staged, all vpids): exceeding it raises ProtocolError("quota exceeded"), at most
 from __future__ import annotations
 
 import logging
+import mmap
+import os
 import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from phaul.errors import ProtocolError
+from phaul.errors import PhaulError, ProtocolError
+from phaul.page_server.criu_image import (
+    PE_PRESENT,
+    PagemapEntry,
+    pagemap_name,
+    pages_name,
+    write_pagemap,
+)
 from phaul.page_server.framing import (
     HEADER_SIZE,
     MAX_PAYLOAD,
@@ -42,12 +51,14 @@ from phaul.page_server.framing import (
     decode_header,
     encode_ack,
 )
-from phaul.page_server.store import FlatPageImage
+from phaul.page_server.store import MAX_ENTRY_PAGES, FlatPageImage
 
 log = logging.getLogger(__name__)
 
 PAGES_ID_BASE = 0x100000
 """Pages ids of the flat images: clear of CRIU's own ids (1..) and its page server's (0x10001..)."""
+WINDOW_BYTES = 64 << 20
+"""Size of the mapped window of a fresh image's pages file."""
 
 
 class PageStream(Protocol):
@@ -100,7 +111,7 @@ class PrecopyReceiver:
         self._hdr = bytearray(HEADER_SIZE)
         self._hdr_view = memoryview(self._hdr)
         self._decompressor = Decompressor()
-        self._images: dict[int, FlatPageImage] = {}
+        self._images: dict[int, FlatPageImage | _FreshImage] = {}
         self._images_seen: set[int] = set()
         self._usage = 0  # pages held by all images (committed + staged)
         self._first_byte = 0.0
@@ -191,29 +202,55 @@ class PrecopyReceiver:
 
     def _data(self, stream: PageStream, h: FrameHeader) -> None:
         raw = h.raw_len
+        img = self._target(h.vpid, h.vaddr)
+        if isinstance(img, _FreshImage):
+            self._charge(h.nr_pages)
+            slot = img.slot(raw)
+            try:
+                self._receive_pages(stream, h, slot)
+            finally:
+                slot.release()
+            img.append(h.vaddr, h.nr_pages)
+        else:
+            self._receive_pages(stream, h, self._view[:raw])
+            self._store(img, h.vaddr, self._view[:raw])
+        self._wire += h.payload_len
+        self._pass_pages += h.nr_pages
+
+    def _receive_pages(self, stream: PageStream, h: FrameHeader, out: memoryview) -> None:
         if h.codec is Codec.NONE:
-            _recv_exact(stream, self._view[:raw])
+            _recv_exact(stream, out)
         else:
             payload = self._zview[: h.payload_len]
             _recv_exact(stream, payload)
-            self._decompressor.decompress_into(h.codec, payload, self._view, raw)
-        self._wire += h.payload_len
-        self._store(h.vpid, h.vaddr, self._view[:raw])
-        self._pass_pages += h.nr_pages
+            self._decompressor.decompress_into(h.codec, payload, out, h.raw_len)
 
     def _zero_run(self, h: FrameHeader) -> None:
-        chunk_pages = MAX_PAYLOAD >> PAGE_SHIFT
-        vaddr, left = h.vaddr, h.nr_pages
-        while left:
-            n = min(left, chunk_pages)
-            self._store(h.vpid, vaddr, self._zeros[: n << PAGE_SHIFT])
-            vaddr += n << PAGE_SHIFT
-            left -= n
+        img = self._target(h.vpid, h.vaddr)
+        if isinstance(img, _FreshImage):
+            self._charge(h.nr_pages)
+            img.append(h.vaddr, h.nr_pages)  # a hole of the pages file: reads as zeros
+        else:
+            chunk_pages = MAX_PAYLOAD >> PAGE_SHIFT
+            vaddr, left = h.vaddr, h.nr_pages
+            while left:
+                n = min(left, chunk_pages)
+                self._store(img, vaddr, self._zeros[: n << PAGE_SHIFT])
+                vaddr += n << PAGE_SHIFT
+                left -= n
         self._pass_pages += h.nr_pages
         self._pass_zero += h.nr_pages
 
-    def _store(self, vpid: int, vaddr: int, data: memoryview) -> None:
-        img = self._image(vpid)
+    def _charge(self, pages: int) -> None:
+        """Account pages added to a fresh image, refusing them beyond the quota."""
+        if self.max_bytes is not None and ((self._usage + pages) << PAGE_SHIFT) > self.max_bytes:
+            raise ProtocolError(
+                f"page stream: image quota exceeded "
+                f"({(self._usage + pages) << PAGE_SHIFT} > {self.max_bytes} bytes)"
+            )
+        self._usage += pages
+
+    def _store(self, img: FlatPageImage, vaddr: int, data: memoryview) -> None:
         before = img.pages + img.staged_pages
         img.write(vaddr, data)
         self._usage += img.pages + img.staged_pages - before
@@ -223,25 +260,48 @@ class PrecopyReceiver:
                 f"{self.max_bytes} bytes)"
             )
 
-    def _image(self, vpid: int) -> FlatPageImage:
+    def _target(self, vpid: int, vaddr: int) -> FlatPageImage | _FreshImage:
+        """The image of ``vpid`` that takes pages at ``vaddr``: a fresh image (no image existed
+        and the pages keep arriving in address order) or the FlatPageImage."""
         img = self._images.get(vpid)
         if img is None:
-            img = FlatPageImage(self.images_dir, vpid, PAGES_ID_BASE + vpid)
+            pages_id = PAGES_ID_BASE + vpid
+            if (self.images_dir / pagemap_name(vpid)).exists():
+                img = FlatPageImage(self.images_dir, vpid, pages_id)
+                self._usage += img.pages
+            else:
+                img = _FreshImage(self.images_dir, vpid, pages_id)
             self._images[vpid] = img
             self._images_seen.add(vpid)
-            self._usage += img.pages
+        if isinstance(img, _FreshImage) and vaddr < img.end:
+            img = self._settle(vpid, img)
+        return img
+
+    def _settle(self, vpid: int, fresh: _FreshImage) -> FlatPageImage:
+        """Write a fresh image's pagemap; further pages go through a FlatPageImage."""
+        del self._images[vpid]
+        fresh.finish()
+        img = FlatPageImage(self.images_dir, vpid, fresh.pages_id)
+        self._images[vpid] = img
         return img
 
     def _commit_all(self) -> None:
-        for img in self._images.values():
-            img.commit()
+        for vpid, img in list(self._images.items()):
+            if isinstance(img, _FreshImage):
+                self._settle(vpid, img)
+            else:
+                img.commit()
 
     def _close_all(self) -> None:
+        """Close every image; fresh ones (never committed) are removed."""
         images, self._images = self._images, {}
         self._usage = 0
         for img in images.values():
             try:
-                img.close()
+                if isinstance(img, _FreshImage):
+                    img.abort()
+                else:
+                    img.close()
             except OSError as err:
                 log.warning("pre-copy store: closing %s: %s", img.pages_path, err)
 
@@ -288,3 +348,89 @@ def _set_nodelay(stream: PageStream) -> None:
     """ACKs are tiny and the source waits for them."""
     if isinstance(stream, socket.socket) and stream.family in (socket.AF_INET, socket.AF_INET6):
         stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _FreshImage:
+    """The first pages of a vpid that has no image yet, while they arrive in address order
+    (a first pass does): received straight into the pages file through a mapped window
+    (``WINDOW_BYTES``), ZERO runs left as holes; :meth:`finish` writes the pagemap, after which
+    the image is an ordinary flat image (all entries ``PE_PRESENT``, pages in address order)."""
+
+    def __init__(self, images_dir: Path, vpid: int, pages_id: int) -> None:
+        self.pages_id = pages_id
+        self.pagemap_path = images_dir / pagemap_name(vpid)
+        self.pages_path = images_dir / pages_name(pages_id)
+        try:
+            self._fd = os.open(
+                self.pages_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600
+            )
+        except OSError as err:
+            raise PhaulError(f"pre-copy store: cannot create {self.pages_path}: {err}") from err
+        self.size = 0
+        self.end = 0
+        self.runs: list[list[int]] = []
+        self._map: mmap.mmap | None = None
+        self._view: memoryview | None = None
+        self._map_off = 0
+
+    @property
+    def pages(self) -> int:
+        return self.size >> PAGE_SHIFT
+
+    def slot(self, nbytes: int) -> memoryview:
+        """A writable view of the next ``nbytes`` of the pages file (release it after use)."""
+        off = self.size
+        try:
+            if self._view is None or off + nbytes > self._map_off + WINDOW_BYTES:
+                self._remap(off)
+            assert self._map is not None and self._view is not None
+            rel = off - self._map_off
+        except OSError as err:
+            raise PhaulError(f"pre-copy store: cannot map {self.pages_path}: {err}") from err
+        return self._view[rel : rel + nbytes]
+
+    def _remap(self, off: int) -> None:
+        self._unmap()
+        os.ftruncate(self._fd, off + WINDOW_BYTES)
+        self._map = mmap.mmap(self._fd, WINDOW_BYTES, offset=off)
+        self._map_off = off
+        self._view = memoryview(self._map)
+
+    def _unmap(self) -> None:
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+
+    def append(self, vaddr: int, nr_pages: int) -> None:
+        """Record ``nr_pages`` pages at ``vaddr`` (>= :attr:`end`) as the next in the file."""
+        last = self.runs[-1] if self.runs else None
+        if last is not None and last[0] + (last[1] << PAGE_SHIFT) == vaddr:
+            last[1] += nr_pages
+        else:
+            self.runs.append([vaddr, nr_pages])
+        self.size += nr_pages << PAGE_SHIFT
+        self.end = vaddr + (nr_pages << PAGE_SHIFT)
+
+    def finish(self) -> None:
+        """Cut the pages file to its data, write the pagemap, close."""
+        try:
+            self._unmap()
+            os.ftruncate(self._fd, self.size)
+            os.close(self._fd)
+            entries = []
+            for vaddr, nr in self.runs:
+                for i in range(0, nr, MAX_ENTRY_PAGES):
+                    n = min(MAX_ENTRY_PAGES, nr - i)
+                    entries.append(PagemapEntry(vaddr + (i << PAGE_SHIFT), n, PE_PRESENT))
+            write_pagemap(self.pagemap_path, self.pages_id, entries)
+        except OSError as err:
+            raise PhaulError(f"pre-copy store: cannot write {self.pagemap_path}: {err}") from err
+
+    def abort(self) -> None:
+        """Drop the image (it was never committed)."""
+        self._unmap()
+        os.close(self._fd)
+        self.pages_path.unlink(missing_ok=True)

@@ -12,14 +12,20 @@ File-backed private mappings are read whole (an unpopulated page there shows the
 Ranges seen for the first time are reported whole; pages that cannot be read (mapped but
 unreadable) are always reported.
 
-Limits: a 64-bit hash can collide (2^-64 per changed page); and since the pages the caller reads
-after a collect are not the bytes that were hashed, a page that changes A -> B (read by the
-caller as B) -> A between two collects is missed. Both are inherent to content comparison; the
-uffd tracker has neither problem and is preferred wherever its self-test passes.
+The pages the caller reads after a collect are not the bytes that were hashed during it: a page
+hashed as A, read by the caller as B and back to A at the next collect would be missed (seen in
+the free-running test: a page zapped, rewritten, zapped again). So the caller hands what it read
+back through :meth:`HashTracker.copied`, and the next collect compares with the hash of *that*;
+once it does, a reported page it did not confirm (its read failed because the range was
+unmapped for a moment, and the address was then reused) is reported again. A caller that never
+calls ``copied`` gets the weaker guarantee above. A 64-bit hash can still collide
+(2^-64 per changed page). Memory: one dict entry per hashed page (~100 bytes). The uffd tracker
+has none of these problems and is preferred wherever its self-test passes.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Sequence
 
@@ -44,6 +50,8 @@ log = logging.getLogger(__name__)
 
 ZERO_PAGE_HASH: int = xxhash.xxh3_64_intdigest(bytes(PAGE_SIZE))
 READ_BUFFER_BYTES = 4 << 20
+_MAX = 1 << 64
+_PENDING = -1  # never equal to a hash: reported, not yet confirmed read by the caller
 
 
 class PageHasher:
@@ -55,10 +63,27 @@ class PageHasher:
         self._pm = PagemapFile(pid)
         self._hashes: dict[int, int] = {}
         self._known: list[Range] = []
+        self._verified = False  # the caller reports what it read (copied)
         self.pages_hashed = 0
 
     def close(self) -> None:
         self._pm.close()
+
+    def copied(self, addr: int, data: bytes | memoryview) -> None:
+        """Record the hashes of pages the caller read (whole pages within the tracked ranges).
+
+        From the first call on, reported pages that are never confirmed this way are reported
+        again by the next update.
+        """
+        self._verified = True
+        view = memoryview(data)
+        digest = xxhash.xxh3_64_intdigest
+        known = self._known
+        for off in range(0, len(view) - PAGE_SIZE + 1, PAGE_SIZE):
+            page = addr + off
+            i = bisect.bisect_right(known, (page, _MAX)) - 1
+            if i >= 0 and known[i][0] <= page < known[i][1]:
+                self._hashes[page] = digest(view[off : off + PAGE_SIZE])
 
     def update(self, maps: Sequence[Mapping]) -> list[Range]:
         """Hash the pages of ``maps``; return the ranges whose content changed since the previous
@@ -89,10 +114,18 @@ class PageHasher:
         self.pages_hashed += len(fresh)
         # Pages hashed before and not read now: unpopulated (zero) or gone.
         dirty.extend(p for p, h in old.items() if h != ZERO_PAGE_HASH and p not in fresh)
-        self._hashes = fresh
         self._known = ranges
-        out = merge_ranges([*pages_to_ranges(dirty), *new, *self._reader.unreadable])
-        return intersect_ranges(out, ranges)
+        out = intersect_ranges(
+            merge_ranges([*pages_to_ranges(dirty), *new, *self._reader.unreadable]), ranges
+        )
+        if self._verified:
+            # Until the caller confirms what it read (copied), a reported page compares unequal
+            # to anything: a page it failed to read (unmapped meanwhile) is reported again.
+            for start, end in out:
+                for page in range(start, end, PAGE_SIZE):
+                    fresh[page] = _PENDING
+        self._hashes = fresh
+        return out
 
 
 class HashTracker:
@@ -122,6 +155,11 @@ class HashTracker:
         vanished = subtract_ranges(self._domain, domain)
         self._domain = domain
         return DirtyRanges(dirty=dirty, vanished=vanished)
+
+    def copied(self, addr: int, data: bytes | memoryview) -> None:
+        """Remember what the caller read (see the module docstring)."""
+        if self._hasher is not None:
+            self._hasher.copied(addr, data)
 
     def stop(self) -> None:
         if self._hasher is not None:

@@ -177,6 +177,9 @@ class SoftDirtyTracker:
         self._present = present
         return DirtyRanges(dirty=dirty, vanished=vanished)
 
+    def copied(self, addr: int, data: bytes | memoryview) -> None:
+        """Not needed: soft-dirty bits do not depend on content."""
+
     def stop(self) -> None:
         """Nothing stays armed in the target (soft-dirty bits are harmless); close the pagemap."""
         if self._pm is not None:

@@ -14,6 +14,11 @@ what pre-copy moves. The protocol:
   never-populated pages, which read as zeros (:func:`pagemap.present_ranges` filters them).
   Read the reported pages AFTER ``collect()`` returns: a write racing with the collect is then
   either in what is read or reported by the next collect.
+- ``copied(addr, data)`` (optional to call) tells the tracker which bytes the caller read for
+  a reported range. The hash tracker then compares the next pass against what the destination
+  really holds instead of what it hashed during collect; without it, a page that changes
+  A -> B (read by the caller as B) -> A between two collects would be missed. The other
+  trackers ignore it.
 - ``stop()`` disarms it and releases everything it holds in the target; the target is left as it
   was. Idempotent.
 
@@ -102,6 +107,10 @@ class DirtyTracker(Protocol):
     def collect(self) -> DirtyRanges:
         """Pages written since the previous collect (everything on the first). Raises
         ProcessGone when the process exited (or exec'd, for uffd)."""
+        ...
+
+    def copied(self, addr: int, data: bytes | memoryview) -> None:
+        """The caller read ``data`` at ``addr`` (whole pages) after a collect."""
         ...
 
     def stop(self) -> None:

@@ -227,6 +227,11 @@ class UffdTracker:
             self._hasher.close()
             self._hasher = None
 
+    def copied(self, addr: int, data: bytes | memoryview) -> None:
+        """Only the hash-tracked fallback ranges need to know what the caller read."""
+        if self._hasher is not None:
+            self._hasher.copied(addr, data)
+
     def __del__(self) -> None:
         if getattr(self, "_uffd", -1) >= 0:
             os.close(self._uffd)

@@ -10,9 +10,12 @@ from pathlib import Path
 import pytest
 
 from phaul.engine.hashtrack import HashTracker
-from phaul.engine.maps import read_maps
+from phaul.engine.maps import PAGE_SIZE, read_maps
 from phaul.engine.pagemap import present_ranges
+from phaul.engine.vmread import VmReader
 from tests.integration.test_uffd import (
+    WRITE,
+    ZAP,
     Lockstep,
     lockstep,  # noqa: F401 - fixture
     lockstep_bin,  # noqa: F401 - fixture
@@ -88,3 +91,29 @@ def test_sparse_mapping_stays_sparse(tmp_path: Path) -> None:
         for f in (proc.stdin, proc.stdout):
             if f is not None:
                 f.close()
+
+
+def test_copied_closes_the_aba_window(lockstep: Lockstep) -> None:  # noqa: F811
+    """Hashed as zeros, read by the caller after a write, zeroed again: only the hashes of what
+    the caller read (``copied``) reveal the change; without them it is missed."""
+    page = lockstep.base + 5 * PAGE_SIZE
+    lo, hi = lockstep.base, lockstep.base + lockstep.npages * PAGE_SIZE
+    for tell in (True, False):
+        lockstep.run([(WRITE, 5)])  # populated before tracking starts
+        tracker = HashTracker()
+        tracker.start(lockstep.proc.pid)
+        try:
+            tracker.collect()
+            lockstep.run([(ZAP, 5)])
+            assert pages_of(tracker.collect().dirty, lo, hi) == {page}
+            lockstep.run([(WRITE, 5)])  # between the collect and the caller's read
+            reader = VmReader(lockstep.proc.pid, 1 << 20)
+            for addr, view in reader.read([(page, PAGE_SIZE)]):
+                assert any(view)
+                if tell:
+                    tracker.copied(addr, view)
+            lockstep.run([(ZAP, 5)])
+            reported = pages_of(tracker.collect().dirty, lo, hi)
+            assert reported == ({page} if tell else set())
+        finally:
+            tracker.stop()

@@ -213,6 +213,7 @@ class ShadowResult:
     missing: int
     mismatched: int
     copied: int
+    examples: list[str] = field(default_factory=list)
 
 
 def shadow_check(
@@ -247,9 +248,13 @@ def shadow_check(
             for s, e in d.vanished:
                 for p in range(s, e, PAGE_SIZE):
                     shadow.pop(p, None)
-            pages = _read_pages(reader, d.dirty)
-            shadow.update(pages)
-            return len(pages)
+            n = 0
+            for addr, view in reader.read((s, e - s) for s, e in d.dirty):
+                tracker.copied(addr, view)
+                for off in range(0, len(view) - PAGE_SIZE + 1, PAGE_SIZE):
+                    shadow[addr + off] = bytes(view[off : off + PAGE_SIZE])
+                    n += 1
+            return n
 
         tracker.start(proc.pid)
         passes = copied = 0
@@ -271,8 +276,15 @@ def shadow_check(
             victim = next(p for p in sorted(shadow) if p in actual)
             shadow[victim] = bytes(PAGE_SIZE) if any(shadow[victim]) else b"\1" * PAGE_SIZE
         missing = sum(1 for p in actual if p not in shadow)
-        mismatched = sum(1 for p, data in actual.items() if p in shadow and shadow[p] != data)
-        return ShadowResult(passes, len(actual), missing, mismatched, copied)
+        bad = [p for p, data in actual.items() if p in shadow and shadow[p] != data]
+        maps = read_maps(proc.pid)
+        examples = [
+            f"{p:#x} in {next((str(m) for m in maps if m.contains(p)), '?')}: shadow "
+            f"{'zero' if not any(shadow[p]) else 'data'}, actual "
+            f"{'zero' if not any(actual[p]) else 'data'}"
+            for p in bad[:5]
+        ]
+        return ShadowResult(passes, len(actual), missing, len(bad), copied, examples)
     finally:
         tracker.stop()
         proc.kill()

@@ -26,7 +26,6 @@ import os
 import shutil
 import socket
 import sys
-import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -217,7 +216,7 @@ class SourceMigration:
         if use_precopy:
             from phaul.engine.lazy_dump import check_fd_budget
 
-            check_fd_budget(anon)  # before anything is frozen
+            check_fd_budget(root.pids)  # before anything is frozen
             self._phase(Phase.PRECOPY)
             sock = await self._page_connection(prep.page_ticket, "precopy")
             try:
@@ -290,23 +289,20 @@ class SourceMigration:
         from phaul.engine.criu_swrk import DumpOptions, Swrk
 
         loop = asyncio.get_running_loop()
-        finisher: threading.Thread | None = None
         if lazy:
-            from phaul.engine.lazy_dump import LazyDumpEnd
+            from phaul.engine import lazy_dump
 
-            end = LazyDumpEnd()
-            swrk = await asyncio.to_thread(Swrk.spawn, self.criu, criu_args=end.criu_args)
-            opts = DumpOptions(
-                pid=root.pid,
-                images_dir=self.images_dir,
-                tcp_established=True,
-                network_lock="nftables",
-                lazy_pages=True,
-                status_fd=end.status_fd,
-                page_server_port=end.port,
+            swrk = await asyncio.to_thread(lazy_dump.spawn_lazy_swrk, self.criu)
+            opts = lazy_dump.lazy_dump_options(
+                DumpOptions(
+                    pid=root.pid,
+                    images_dir=self.images_dir,
+                    tcp_established=True,
+                    network_lock="nftables",
+                ),
+                port=lazy_dump.free_port(),
             )
             post_dump = self._at_post_dump_lazy
-            finisher = threading.Thread(target=end.run, name="lazy-dump-end", daemon=True)
         else:
             assert self.relay is not None
             criu_fd = self.relay.criu_end.fileno()
@@ -323,13 +319,8 @@ class SourceMigration:
             )
             post_dump = self._at_post_dump
 
-        def on_notify(name: str, _notify: Any) -> bool:
-            if name == "pre-dump":
-                self.report.mark("freeze")
-                self.emit("freeze")
-                return True
-            if name != "post-dump":
-                return True
+        def decide() -> bool:
+            """At post-dump (tree frozen, images complete): True commits, False rolls back."""
             self.report.mark("dumped")
             fut = asyncio.run_coroutine_threadsafe(post_dump(), loop)
             try:
@@ -337,14 +328,40 @@ class SourceMigration:
             except BaseException as err:  # noqa: BLE001 - any failure here means roll back
                 self.post_dump_error = err
                 return False
-            finally:
-                if finisher is not None:
-                    finisher.start()  # the decision is taken: let CRIU finish either way
+
+        def on_notify(name: str, _notify: Any) -> bool:
+            if name == "pre-dump":
+                self.report.mark("freeze")
+                self.emit("freeze")
+                return True
+            if name == "post-dump":
+                return decide()
+            return True
+
+        def run_dump() -> Any:
+            if not lazy:
+                return swrk.dump(opts, on_notify)
+            # Ends CRIU's lazy page-server session at status-ready (connect+close), whatever
+            # the decision; kills the source itself if CRIU fails after a commit.
+            tree = proctree.tree(root.pid)
+            return lazy_dump.run_lazy_final_dump(
+                swrk,
+                opts,
+                address=lazy_dump.LOOPBACK,
+                decide=decide,
+                tree=tree,
+                on_notify=on_notify,
+                timeout=self.cfg.timeout,
+            ).dump
 
         dump_log = str(self.images_dir.parent / "dump.log")
         self.report.logs["dump"] = dump_log
         try:
-            result = await asyncio.to_thread(swrk.dump, opts, on_notify)
+            result = await asyncio.to_thread(run_dump)
+        except CommitUncertain:
+            swrk.close()
+            self._keep_log()
+            raise
         except PhaulError as err:
             swrk.close()
             self._keep_log()
@@ -388,16 +405,17 @@ class SourceMigration:
                     pid = self._host_pid(vpid)
                 yield from VmReader(pid, 16 << 20).read(ranges)
 
-            # The parent (the pre-copy images) lives on the target, which adds the link.
+            # The parent (the pre-copy images) lives on the target, where the session puts the
+            # same link; the coverage check is done there (ours is a dangling link, not sent).
             stats = await asyncio.to_thread(
                 rewrite_final,
                 self.images_dir,
                 clean=clean,
                 read_pages=read_pages,
-                parent_link=None,
+                parent_link="../precopy",
                 require_parent=False,
             )
-            self.report.final_pages = int(getattr(stats, "pages_read", 0))
+            self.report.final_pages = int(stats.read_pages)
             self.report.mark("pages_sent")
         except BaseException as err:
             with contextlib.suppress(Exception):

@@ -220,19 +220,32 @@ class Precopy:
 
     def final_collect(self) -> dict[int, list[Range]]:
         """At the freeze: the last writes; returns the clean ranges per vpid."""
+        before = {p.vpid: list(p.pending) for p in self.procs}
         for p in self.procs:
             p.collect()
         if os.environ.get("PHAUL_FAULT") == "precopy-drop-dirty-page":
-            self._drop_one_dirty_page()
+            self._drop_one_dirty_page(before)
         return {p.vpid: p.clean() for p in self.procs}
 
-    def _drop_one_dirty_page(self) -> None:
-        """Fault injection for tests: forget one written page, as a broken tracker would."""
+    def _drop_one_dirty_page(self, before: dict[int, list[Range]]) -> None:
+        """Fault injection for tests: forget one written page, as a broken tracker would.
+
+        The page is one the last collect reported and that had been sent before it (so it was
+        written after it was sent), from the largest private anonymous mapping (a test
+        workload's data, whose every write changes the page): the copy at the target is stale.
+        """
         for p in self.procs:
-            stale = intersect(p.pending, p.sent)
+            try:
+                maps = [m for m in read_maps(p.pid) if m.anonymous and m.private]
+            except ProcessGone:
+                continue
+            if not maps:
+                continue
+            big = max(maps, key=lambda m: m.end - m.start)
+            fresh = subtract(p.pending, merge_ranges(before.get(p.vpid, [])))
+            stale = intersect(intersect(fresh, p.sent), [(big.start, big.end)])
             if stale:
-                s, e = max(stale, key=lambda r: r[1] - r[0])
-                page = s + ((e - s) // PAGE // 2) * PAGE
+                page = stale[len(stale) // 2][0]
                 p.pending = subtract(p.pending, [(page, page + PAGE)])
                 log.warning("fault injected: page %#x of PID %d treated as clean", page, p.pid)
                 return

@@ -85,4 +85,4 @@ def test_a_single_missed_dirty_page_is_caught(lab: Lab) -> None:
     assert res.returncode == 0, res.stderr[-3000:]
     pid = writer_on(lab.host("b"), work)
     out = verify(pid, work)
-    assert out.startswith("bad ") and " bad=1 " in out + " ", out
+    assert out.startswith("bad ") and " bad=1 " in out + " ", out + res.stderr[-4000:]

@@ -101,6 +101,9 @@ class RestoreOptions:
     root: str | None = None
     shell_job: bool = False
     lazy_pages: bool = False
+    #: CRIU's work dir (-W: logs, and with lazy_pages the ``lazy-pages.socket`` shared with
+    #: ``criu lazy-pages -W``); the log is then written there. Default: images_dir.
+    work_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -431,10 +434,15 @@ class Swrk:
         """
         self._claim("restore")
         images_dir = Path(opts.images_dir)
-        log_path = images_dir / opts.log_file
+        log_path = Path(opts.work_dir or images_dir) / opts.log_file
         fresh = self.init_pid is not None
+        if fresh and opts.work_dir is not None:
+            raise ValueError("work_dir is not supported with fresh_pidns")
         dfd = -1 if fresh else os.open(images_dir, os.O_RDONLY | os.O_DIRECTORY)
+        wfd = -1
         try:
+            if opts.work_dir is not None:
+                wfd = os.open(opts.work_dir, os.O_RDONLY | os.O_DIRECTORY)
             o = rpc.criu_opts(
                 images_dir_fd=dfd,
                 log_file=opts.log_file,
@@ -450,6 +458,8 @@ class Swrk:
                 o.images_dir = str(images_dir.resolve())
             if opts.root is not None:
                 o.root = opts.root
+            if wfd >= 0:
+                o.work_dir_fd = wfd  # CRIU opens /proc/<us>/fd/N, as for images_dir_fd
             what = f"restore from {images_dir}"
             resp = self._request(
                 rpc.criu_req(type=rpc.RESTORE, opts=o),
@@ -462,6 +472,8 @@ class Swrk:
         finally:
             if dfd >= 0:
                 os.close(dfd)
+            if wfd >= 0:
+                os.close(wfd)
         inner = resp.restore.pid
         if self.init_pid is not None:
             host = nsutil.host_pid_in(self.init_pid, inner)

@@ -254,7 +254,6 @@ class Injector:
         self._saved = UserRegs()
         self._syscall_addr = 0
         self.swallowed: list[int] = []
-        self._group_stopped = False
         self.is_stopped = False
 
     # -- waiting -----------------------------------------------------------------------------
@@ -328,7 +327,6 @@ class Injector:
             if not os.WIFSTOPPED(status):
                 raise InjectionFailed(f"unexpected wait status {status:#x}")
             if status >> 16 == PTRACE_EVENT_STOP:
-                self._group_stopped = os.WSTOPSIG(status) != signal.SIGTRAP
                 self.is_stopped = True
                 return
             # Signal-delivery-stop (or a stray syscall stop): swallow and keep waiting.

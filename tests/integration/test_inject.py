@@ -276,3 +276,36 @@ def test_thread_in_epoll_wait_is_avoided(
     # (Python would hide an EINTR by retrying, PEP 475: the thread choice above is the check;
     # this one only shows the process carried on normally.)
     assert (tmp_path / "out").read_text().split("\n")[1] == "polled [] 1.5"
+
+
+def test_stopped_target_stays_stopped(procs: list[subprocess.Popen[bytes]], tmp_path: Path) -> None:
+    with open(tmp_path / "out", "wb") as out:
+        p = subprocess.Popen(
+            ["sleep", "30"],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+        )
+    procs.append(p)
+    _wait_syscall(p.pid, 230)
+
+    def state() -> str:
+        return Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+    os.kill(p.pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 5
+    while state() != "T":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.close(inject.take_userfaultfd(p.pid))
+    deadline = time.monotonic() + 2
+    while state() != "T":  # the group stop is re-instated shortly after detaching
+        assert time.monotonic() < deadline, state()
+        time.sleep(0.01)
+    os.kill(p.pid, signal.SIGCONT)
+    deadline = time.monotonic() + 2
+    while state() == "T":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert p.poll() is None

@@ -380,7 +380,10 @@ class SourceMigration:
             ) from err
         swrk.close()
         self._keep_log()
-        self.report.criu_dump_stats = dict(getattr(result, "stats", {}) or {})
+        # A lazy dump's stats-dump is garbage (CRIU re-inits its stats for the page server,
+        # reference/lazy-final-dump.md): report only a stop-and-copy dump's.
+        if not lazy:
+            self.report.criu_dump_stats = dict(getattr(result, "stats", {}) or {})
         await self._after_commit()
 
     def _keep_log(self) -> None:
@@ -584,6 +587,37 @@ def _parse_ips(values: list[str]) -> tuple[ipaddress.IPv4Interface, ...]:
     return tuple(out)
 
 
+class Progress:
+    """Live progress: a line per phase and per pre-copy pass on stderr (rich), or the same
+    events as JSON lines on stdout with ``--json``."""
+
+    def __init__(self, *, json_lines: bool) -> None:
+        from rich.console import Console
+
+        self.json_lines = json_lines
+        self.console = Console(stderr=True, highlight=False)
+        self.t0 = time.monotonic()
+
+    def emit(self, event: str, **kw: Any) -> None:
+        if self.json_lines:
+            print(json.dumps({"event": event, "t": time.time(), **kw}), flush=True)
+            return
+        t = time.monotonic() - self.t0
+        if event == "phase":
+            self.console.print(f"[dim]{t:7.2f}s[/dim] [bold]{kw.get('phase')}[/bold]")
+        elif event == "pass":
+            self.console.print(
+                f"[dim]{t:7.2f}s[/dim]   pass {kw['n']}: {kw['pages']} pages, "
+                f"{kw['bytes'] / 1e6:.1f} MB in {kw['seconds']:.2f} s "
+                f"({kw['goodput_mbps']:.0f} MB/s); dirtied {kw['dirty_bytes'] / 1e6:.1f} MB "
+                f"({kw['dirty_rate_mbps']:.1f} MB/s); predicted freeze "
+                f"{kw['predicted_ms']:.0f} ms -> {kw['decision']}"
+                + (f" (CPU throttled {kw['throttle']:.0%})" if kw.get("throttle") else "")
+            )
+        elif event == "freeze":
+            self.console.print(f"[dim]{t:7.2f}s[/dim]   tree frozen")
+
+
 def make_dialer(args: argparse.Namespace) -> Dialer:
     """The transport for ``--to``: HOST:PORT (token over TCP), + --tls-* (mutual TLS), ssh://.
 
@@ -651,9 +685,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         compress=args.compress,
     )
 
-    def emit(event: str, **kw: Any) -> None:
-        if args.json:
-            print(json.dumps({"event": event, "t": time.time(), **kw}), flush=True)
+    progress = Progress(json_lines=args.json)
+    emit = progress.emit
 
     mig = SourceMigration(cfg, criu, dialer, emit)
     try:

@@ -497,7 +497,7 @@ class Swrk:
             child_pid=child,
             init_pid=self.init_pid,
             log_path=log_path,
-            stats=self._stats(images_dir, "restore"),
+            stats=self._stats(Path(opts.work_dir or images_dir), "restore"),  # CRIU: in -W
         )
 
     # --- internals ----------------------------------------------------------------------------

@@ -31,6 +31,10 @@
  *                  first=I" to RESULT (atomically: RESULT.tmp + rename), resume.
  *   -i INFO        once filled, write "addr=0x... size=... pages=... pid=..." to INFO (atomic).
  *   -b BEAT        every ~100 ms rewrite BEAT with "beat N writes W" (N counts up).
+ *   -T TICKS       a tick thread wakes every 2 ms, reads one word of 4 random pages, and records
+ *                  every gap > 20 ms between ticks measured with CLOCK_REALTIME (CLOCK_MONOTONIC
+ *                  hides a CRIU freeze: the restored tree gets a time namespace); the last 64
+ *                  gaps are rewritten to TICKS (atomically) as "gap START_NS END_NS" lines.
  *
  * SIGTERM/SIGINT: flush logs and exit 0. Exit status 2 on usage errors, 1 on system errors.
  */
@@ -64,7 +68,7 @@ static size_t npages;
 static _Atomic uint32_t *gens;
 static int nthreads;
 static double rate_mib;
-static const char *log_path, *result_path, *info_path, *beat_path, *fifo_path;
+static const char *log_path, *result_path, *info_path, *beat_path, *fifo_path, *ticks_path;
 static size_t churn_pages;
 
 static volatile sig_atomic_t got_usr1, got_term;
@@ -243,6 +247,48 @@ static void *churn_main(void *arg)
 	return NULL;
 }
 
+/* ---- tick thread (-T) ------------------------------------------------------------------------ */
+
+#define TICK_GAPS 64
+static uint64_t realtime_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_REALTIME, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+static void *tick_main(void *arg)
+{
+	(void)arg;
+	uint64_t gaps[TICK_GAPS][2];
+	size_t ngaps = 0;
+	uint64_t rng = mix64((uint64_t)getpid() ^ 0x7469636bULL);
+	uint64_t last = realtime_ns();
+	while (!atomic_load(&stop_all)) {
+		sleep_ns(2000000);
+		for (int k = 0; k < 4; k++) {
+			rng = mix64(rng);
+			(void)*(volatile uint64_t *)(buf + (rng % npages) * PAGE);
+		}
+		uint64_t t = realtime_ns();
+		if (t - last > 20000000ULL) {
+			gaps[ngaps % TICK_GAPS][0] = last;
+			gaps[ngaps % TICK_GAPS][1] = t;
+			ngaps++;
+			char text[TICK_GAPS * 48 + 1];
+			size_t off = 0;
+			size_t first = ngaps > TICK_GAPS ? ngaps - TICK_GAPS : 0;
+			for (size_t i = first; i < ngaps; i++)
+				off += (size_t)snprintf(text + off, sizeof(text) - off,
+							"gap %" PRIu64 " %" PRIu64 "\n",
+							gaps[i % TICK_GAPS][0], gaps[i % TICK_GAPS][1]);
+			write_atomic(ticks_path, text);
+		}
+		last = t;
+	}
+	return NULL;
+}
+
 /* ---- verification -------------------------------------------------------------------------- */
 
 static void verify(char *out, size_t outlen)
@@ -362,7 +408,7 @@ static void on_signal(int sig)
 static void usage(void)
 {
 	fputs("usage: memwriter -m MiB [-d MiB/s -t THREADS] [-l LOG] [-c PAGES] [-L FIFO]\n"
-	      "                 [-r RESULT] [-i INFO] [-b BEAT]\n",
+	      "                 [-r RESULT] [-i INFO] [-b BEAT] [-T TICKS]\n",
 	      stderr);
 	exit(2);
 }
@@ -372,7 +418,7 @@ int main(int argc, char **argv)
 	size_t mib = 0;
 	int opt;
 	nthreads = 1;
-	while ((opt = getopt(argc, argv, "m:d:t:l:c:L:r:i:b:")) != -1) {
+	while ((opt = getopt(argc, argv, "m:d:t:l:c:L:r:i:b:T:")) != -1) {
 		switch (opt) {
 		case 'm': mib = strtoull(optarg, NULL, 0); break;
 		case 'd': rate_mib = strtod(optarg, NULL); break;
@@ -383,6 +429,7 @@ int main(int argc, char **argv)
 		case 'r': result_path = optarg; break;
 		case 'i': info_path = optarg; break;
 		case 'b': beat_path = optarg; break;
+		case 'T': ticks_path = optarg; break;
 		default: usage();
 		}
 	}
@@ -440,6 +487,9 @@ int main(int argc, char **argv)
 	pthread_t churn_th;
 	if (churn_pages && pthread_create(&churn_th, NULL, churn_main, NULL))
 		die("pthread_create churn");
+	pthread_t tick_th;
+	if (ticks_path && pthread_create(&tick_th, NULL, tick_main, NULL))
+		die("pthread_create tick");
 
 	if (info_path) {
 		char text[256];
@@ -488,5 +538,7 @@ int main(int argc, char **argv)
 	}
 	if (churn_pages)
 		pthread_join(churn_th, NULL);
+	if (ticks_path)
+		pthread_join(tick_th, NULL);
 	return 0;
 }

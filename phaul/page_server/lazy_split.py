@@ -324,9 +324,9 @@ def build_daemon_dir(restore_dir: Path, parent_dir: Path, daemon_dir: Path) -> S
         parent_pages = parent.present_pages if parent else 0
         eager_only = not lazy
         if eager_only and parent_pages:
-            log.warning(
-                "task %d has no lazy page in %s (CRIU 4.2.1 is_stack quirk: a page-aligned "
-                "stack pointer); it is restored eagerly",
+            log.info(
+                "task %d has no lazy page in %s: restored eagerly (nothing clean, or CRIU "
+                "4.2.1's is_stack quirk: a page-aligned stack pointer)",
                 vpid,
                 restore_dir,
             )

@@ -48,7 +48,8 @@ def fault(name: str) -> None:
     """Named fault-injection point (PHAUL_FAULT=name), as CRIU's CRIU_FAULT: for rollback tests.
 
     ``target-exit-after-images``: the agent process dies at once (as if killed);
-    ``target-fail-restore``: the restore fails as if CRIU had failed.
+    ``target-fail-restore``: the restore fails as if CRIU had failed;
+    ``target-drop-committed``: the connection breaks right before Committed is sent.
     """
     if os.environ.get("PHAUL_FAULT") != name:
         return
@@ -351,6 +352,10 @@ class TargetSession:
         self.machine.advance(Phase.DONE)
         self._journal()
         undo.pop_all()
+        if os.environ.get("PHAUL_FAULT") == "target-drop-committed":
+            # Fault point: the confirmation is lost; the source must ask, not guess.
+            self.log.warning("fault injected: target-drop-committed")
+            self.chan.writer.transport.abort()
         with contextlib.suppress(ConnectionError, OSError):
             await self.chan.send(
                 pb.Committed(root_pid=result.pid, resume_ms=resume_ms, criu_stats=result.stats)

@@ -183,3 +183,21 @@ def test_bad_input_gives_one_line_errors(lab: Lab) -> None:
     res = migrate(lab, a, wl.root_pid, agent, "--criu", "/nonexistent/criu")
     assert res.returncode == 5, res.stderr
     assert wl.alive()
+
+
+def test_lost_commit_confirmation_is_asked_for_not_guessed(lab: Lab) -> None:
+    """The connection breaks after the target resumed the tree but before it confirmed: the
+    source asks the agent on a new connection and completes (one copy, on the target)."""
+    a, b = lab.host("a"), lab.host("b")
+    out = lab.tmpfile("counter", ".txt")
+    wl = a.python_workload("counter.py", str(out))
+    wait_for(lambda: (last(str(out)) or (0,))[0] > 5, 10, "counter to start")
+    agent = start_agent(lab, b, make_token(lab), env={"PHAUL_FAULT": "target-drop-committed"})
+    res = migrate(lab, a, wl.root_pid, agent)
+    assert res.returncode == 0, res.stderr
+    assert "asking it directly" in res.stderr
+    assert not wl.alive()
+    n = (last(str(out)) or (0,))[0]
+    assert_counts_on(str(out), n)
+    values = counter_values(str(out))
+    assert values == sorted(values) and len(set(values)) == len(values), "two copies counted"

@@ -11,7 +11,8 @@ pages go out as DATA frames of up to ``MAX_DATA_PAGES`` pages. Uncompressed, a f
 plus a ``memoryview`` of the reader's buffer, and the frames of one run leave in one
 ``sendmsg`` (up to ``IOV_MAX`` buffers): the page bytes are copied once, by the kernel, from the
 buffer into the socket. With a codec, each frame is compressed (a frame whose compressed form
-is not shorter goes raw).
+does not save 1/32 goes raw, and after such a frame the next 1, 2, 4 ... 64 frames go raw
+without trying: incompressible memory costs little more than no codec).
 
 Ranges that vanished while being read (``VmReader.gone``) are sent as DROP frames; ranges mapped
 but unreadable (``PROT_NONE``) are skipped and listed in :attr:`SendStats.unreadable`.
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 DEFAULT_BATCH_BYTES = 8 << 20
 MIN_BATCH_BYTES = 1 << 20
 IOV_MAX = 1024
+MAX_BACKOFF = 64
 _ZERO_PAGE = bytes(PAGE_SIZE)
 _ZERO_WORD = bytes(8)
 _WORDS_PER_PAGE = PAGE_SIZE // 8
@@ -100,6 +102,8 @@ class PageSender:
         self.batch_bytes = batch_bytes
         self._compressor = Compressor(self.codec) if self.codec is not Codec.NONE else None
         self._reader: VmReader | None = None
+        self._backoff = 0  # frames to send raw after an incompressible one (doubles)
+        self._skip = 0
         self._ack_buf = bytearray(HEADER_SIZE + ACK_PAYLOAD.size)
         # per-call counters
         self._wire = 0
@@ -205,9 +209,16 @@ class PageSender:
             payload: bytes | memoryview = chunk
             codec = Codec.NONE
             if self._compressor is not None:
-                packed = self._compressor.compress(chunk)
-                if len(packed) < len(chunk):
-                    payload, codec = packed, self.codec
+                if self._skip:
+                    self._skip -= 1
+                else:
+                    packed = self._compressor.compress(chunk)
+                    if len(packed) < len(chunk) - len(chunk) // 32:
+                        payload, codec = packed, self.codec
+                        self._backoff = 0
+                    else:  # incompressible: try again after 1, 2, 4 ... 64 frames
+                        self._backoff = min(max(1, 2 * self._backoff), MAX_BACKOFF)
+                        self._skip = self._backoff
             parts.append(encode_header(Kind.DATA, vpid=vpid, vaddr=vaddr, nr_pages=n,
                                        payload_len=len(payload), codec=codec))  # fmt: skip
             parts.append(payload)

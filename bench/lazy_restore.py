@@ -8,8 +8,9 @@ reads, one FlatPageImage per vpid), then ``--dirty`` pages are rewritten. Then, 
 
 1. eager: lazy final dump, rewrite into a PE_PARENT chain, plain restore while the source is
    frozen; the restored copy runs 0.4 s and is killed; post-dump answers False (rollback).
-2. lazy: lazy final dump, split R + daemon dir D (lazy_split), ``criu lazy-pages`` started
-   (after the dump: not prestarted), ``criu restore --lazy-pages``; the daemon's exit 0 is
+2. lazy: ``criu lazy-pages`` prestarted on D holding the tree's inventory.img and pstree.img
+   (``--no-prestart``: started inside the freeze), lazy final dump, split R + daemon dir D
+   (lazy_split), ``criu restore --lazy-pages``; the daemon's exit 0 is
    awaited before post-dump answers True (commit); the restored copy's memory is verified.
 
 Figures (seconds): freeze = DUMP request sent -> restore returned (tree running); complete =
@@ -54,10 +55,10 @@ def gaps_after(ticks: Path, t0: float) -> float:
     return best
 
 
-def one_size(criu, root: Path, mib: int, ndirty: int) -> dict[str, float | str]:  # type: ignore[no-untyped-def]
+def one_size(criu, root: Path, mib: int, ndirty: int, prestart: bool) -> dict[str, float | str]:  # type: ignore[no-untyped-def]
     root.mkdir()
     ticks = root / "ticks"
-    out: dict[str, float | str] = {"MiB": mib}
+    out: dict[str, float | str] = {"MiB": mib, "prestart": str(prestart)}
     with workload(root, mib=mib, extra=("-T", str(ticks))) as w:
         npages = w.mw.pages
         step = max(1, npages // ndirty)
@@ -110,13 +111,26 @@ def one_size(criu, root: Path, mib: int, ndirty: int) -> dict[str, float | str]:
         lz: dict[str, float | str] = {}
         roots: list[int] = []
 
+        prestarted: list[LazyPagesDaemon] = []
+        if prestart:
+            # The daemon reads only inventory.img and pstree.img at start (the task set must
+            # not change): take them from the eager run's dump of the same tree.
+            ddir.mkdir()
+            for name in ("inventory.img", "pstree.img"):
+                os.link(eager_final / name, ddir / name)
+            prestarted.append(LazyPagesDaemon.start(criu, DaemonOptions(ddir, work, log_level=1)))
+
         def decide_lazy() -> bool:
             t1 = time.time()
             rewrite(final, pre, w, clean, split=True)
             build_daemon_dir(final, pre, ddir)
             lz["split"] = time.time() - t1
             t2 = time.time()
-            with LazyPagesDaemon.start(criu, DaemonOptions(ddir, work, log_level=1)) as daemon:
+            if not prestarted:
+                prestarted.append(
+                    LazyPagesDaemon.start(criu, DaemonOptions(ddir, work, log_level=1))
+                )
+            with prestarted[0] as daemon:
                 lz["daemon_start"] = time.time() - t2
                 t3 = time.time()
                 res = restore_lazily(criu, final, daemon, timeout=60, log_level=1, check=False)
@@ -145,6 +159,8 @@ def one_size(criu, root: Path, mib: int, ndirty: int) -> dict[str, float | str]:
                 else f"BAD {run.outcome} {lz.get('reason')}"
             )
         finally:
+            for d in prestarted:
+                d.kill()
             for pid in roots:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
@@ -158,12 +174,13 @@ def main() -> int:
     ap.add_argument("--sizes", default="64,512,1024,2048", help="MiB, comma separated")
     ap.add_argument("--dirty", type=int, default=676, help="pages rewritten after the parent")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--no-prestart", action="store_true", help="start the daemon inside the freeze")
     args = ap.parse_args()
     criu = find_criu()
     rows = []
     with tempfile.TemporaryDirectory(prefix="phaul-bench-lazy-", dir="/var/tmp") as tmp:
         for mib in (int(s) for s in args.sizes.split(",")):
-            row = one_size(criu, Path(tmp) / f"m{mib}", mib, args.dirty)
+            row = one_size(criu, Path(tmp) / f"m{mib}", mib, args.dirty, not args.no_prestart)
             rows.append(row)
             print(json.dumps(row) if args.json else row, flush=True)
     cols = [

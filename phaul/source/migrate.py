@@ -336,6 +336,10 @@ class SourceMigration:
                 return True
             if name == "post-dump":
                 return decide()
+            if name == "query-ext-files":
+                # CRIU's first notify after the tree is frozen (before its files are collected):
+                # the self-migration service closes the requester's socket here.
+                self.emit("frozen")
             return True
 
         def run_dump() -> Any:

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,21 @@ P = 4096
 def anon_present(pid: int) -> list[tuple[int, int]]:
     ms = [m for m in maps.private_writable_mappings(pid) if m.anonymous]
     return pagemap.present_ranges(pid, ms)
+
+
+def stop(pid: int) -> None:
+    """SIGSTOP and wait until every thread is stopped (the signal is asynchronous)."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    while True:
+        states = []
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/stat") as f:
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+        if all(s in "tT" for s in states):
+            return
+        assert time.monotonic() < deadline, f"{pid} did not stop: {states}"
+        time.sleep(0.005)
 
 
 def image_mismatches(images: Path, vpid: int, pid: int) -> list[int]:
@@ -71,7 +87,7 @@ def test_two_passes_reproduce_the_stopped_process(tmp_path: Path, codec: str) ->
             ranges1 = anon_present(mw.pid)
             st1 = sender.send_ranges(mw.pid, 1, ranges1)
             ack1 = sender.end_pass(1)
-            os.kill(mw.pid, signal.SIGSTOP)
+            stop(mw.pid)
             ranges2 = anon_present(mw.pid)
             st2 = sender.send_ranges(mw.pid, 1, ranges2)
             ack2 = sender.end_pass(2)

@@ -122,6 +122,53 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve one session on stdin/stdout (what `phaul migrate --to ssh://` runs)",
     )
     _add_tls_options(a)
+    lim = a.add_argument_group("limits (what a peer may do)")
+    lim.add_argument(
+        "--allow-source",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="accept connections only from these networks (repeatable; default: any); "
+        "others are closed before any byte is exchanged",
+    )
+    lim.add_argument(
+        "--allow-cn",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="with TLS: accept only peer certificates with this CN (repeatable)",
+    )
+    lim.add_argument(
+        "--max-sessions", type=int, default=4, metavar="N", help="concurrent migrations (4)"
+    )
+    lim.add_argument(
+        "--max-image-mib",
+        type=int,
+        default=0,
+        metavar="N",
+        help="disk quota of one migration's images and pages in MiB (default 0: none)",
+    )
+    lim.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="drop a peer that sends nothing for S seconds and roll its migration back (60)",
+    )
+    sm = a.add_argument_group("self-migration service (phaul.client.migrate_self)")
+    sm.add_argument(
+        "--self-socket",
+        nargs="?",
+        const="/run/phaul/self.sock",
+        metavar="PATH",
+        help="listen on this unix socket for processes that ask to move or checkpoint "
+        "themselves (default PATH: %(const)s)",
+    )
+    sm.add_argument(
+        "--self-socket-group",
+        metavar="GROUP",
+        help="only this group may use the self socket (mode 0660; default 0666: any user)",
+    )
     a.set_defaults(func=_cmd_agent)
 
     m = sub.add_parser(

@@ -319,6 +319,9 @@ class Agent:
                 self.page_socks.get(target, set()).discard(sock)
                 sock.close()
                 if bridge is not None:
+                    # Let the pump deliver the store's last answer (CRIU waits for it).
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait(bridge.tasks[1:], timeout=5)
                     await bridge.close()
         elif hello.role == "status":
             try:

@@ -265,7 +265,12 @@ def shadow_check(
             time.sleep(0.02)
         os.kill(proc.pid, signal.SIGSTOP)
         deadline = time.monotonic() + 5
-        while Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+        # SIGSTOP takes effect per thread, asynchronously: wait until EVERY thread is stopped
+        # (the leader's state alone says nothing about the writer threads).
+        while any(
+            t.joinpath("stat").read_text().rsplit(")", 1)[1].split()[0] != "T"
+            for t in Path(f"/proc/{proc.pid}/task").iterdir()
+        ):
             assert time.monotonic() < deadline
             time.sleep(0.005)
         copied += apply(tracker.collect())

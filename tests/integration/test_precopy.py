@@ -76,13 +76,15 @@ def test_precopy_memory_exact_with_threads_and_churn(lab: Lab, tracker: str) -> 
     )
 
 
-def test_a_single_missed_dirty_page_is_caught(lab: Lab) -> None:
-    """Negative control: a tracker that loses one written page must make the check fail."""
+def test_lost_writes_are_caught(lab: Lab) -> None:
+    """Negative control: a tracker that loses written pages must make the check fail (single
+    lost pages are caught by the tracker and rewrite tests, tests/integration/test_uffd.py,
+    test_hashtrack.py and test_lazy_final_dump.py)."""
     res, work, _ = run_precopy(
         lab, "uffd", "-m", "32", "-d", "20", "-t", "1",
-        env={"PHAUL_FAULT": "precopy-drop-dirty-page"},
+        env={"PHAUL_FAULT": "precopy-drop-last-writes"},
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     pid = writer_on(lab.host("b"), work)
     out = verify(pid, work)
-    assert out.startswith("bad ") and " bad=1 " in out + " ", out + res.stderr[-4000:]
+    assert out.startswith("bad "), out + res.stderr[-4000:]

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from phaul.engine.maps import Range
@@ -120,7 +120,13 @@ class PageSender:
             self._reader = VmReader(pid, self.batch_bytes)
         return self._reader
 
-    def send_ranges(self, pid: int, vpid: int, ranges: Iterable[tuple[int, int]]) -> SendStats:
+    def send_ranges(
+        self,
+        pid: int,
+        vpid: int,
+        ranges: Iterable[tuple[int, int]],
+        on_read: Callable[[int, memoryview], None] | None = None,
+    ) -> SendStats:
         """Send the page-aligned byte ranges ``[start, end)`` of process ``pid`` (``vpid``: its
         pid in its own namespace, naming the target's image). Raises ProcessGone, AccessDenied,
         ProtocolError (connection failed), ValueError (unaligned range)."""
@@ -134,6 +140,8 @@ class PageSender:
                 pairs.append((start, end - start))
         reader = self._reader_for(pid)
         for addr, view in reader.read(pairs):
+            if on_read is not None:
+                on_read(addr, view)  # e.g. the hash tracker records what was really sent
             self._send_run(vpid, addr, view)
         dropped = 0
         for start, end in reader.gone:

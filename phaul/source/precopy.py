@@ -164,7 +164,9 @@ class Precopy:
                 for p in self.procs:
                     todo = p.present_pending()
                     if todo:
-                        stats = self.sender.send_ranges(p.pid, p.vpid, todo)
+                        stats = self.sender.send_ranges(
+                            p.pid, p.vpid, todo, on_read=p.tracker.copied
+                        )
                         pages += stats.pages
                         wire += stats.bytes_wire
                     p.sent = merge_ranges([*p.sent, *todo])

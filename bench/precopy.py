@@ -252,17 +252,17 @@ def stall_in(path: Path, t0_ns: int, t1_ns: int) -> float | None:
 
 
 def kill_tree(host: Host, pids: list[int]) -> None:
-    """SIGKILL the restored tree: the pid-namespace init (tini) above ``pids``, and ``pids``."""
-    roots = {ppid_of(p) for p in pids}
-    for pid in [*roots, *pids]:
-        if pid > 1 and Path(f"/proc/{pid}/ns/net").exists():
-            try:
-                if os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(host.netns_path).st_ino:
-                    os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, FileNotFoundError):
-                pass
+    """SIGKILL the restored tree: its pid-namespace init (tini, the parent of stallwatch, which
+    takes the whole namespace with it) and ``pids``, if they live in ``host``."""
+    netns = os.stat(host.netns_path).st_ino
+    for pid in [*{ppid_of(p) for p in pids}, *pids]:
+        try:
+            if pid > 1 and os.stat(f"/proc/{pid}/ns/net").st_ino == netns:
+                os.kill(pid, signal.SIGKILL)
+        except OSError:  # gone, or exiting (its ns links are no longer readable)
+            pass
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+    while time.monotonic() < deadline and any(exe_of(p) for p in pids):
         time.sleep(0.02)
 
 
@@ -491,6 +491,11 @@ def main() -> int:
     out_dir = args.out or Path(f"/tmp/phaul-bench-precopy-{time.strftime('%Y%m%d-%H%M%S')}")
     out_dir.mkdir(parents=True, exist_ok=True)
     runs: list[Run] = []
+    head = subprocess.run(
+        ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+        capture_output=True, text=True, check=False,
+    ).stdout.strip()  # fmt: skip
+    print(f"phaul {head or '(no git)'}; {os.uname().release}; {os.cpu_count()} cpus")
     print(
         f"phaul pre-copy benchmark: link {args.rate} (tbf), scenarios "
         f"{', '.join(s.name for s in scenarios)}{' (quick: sizes / 4)' if args.quick else ''}, "
@@ -523,7 +528,12 @@ def main() -> int:
                     n += 1
                     tag = f"{n:02d}-{sc.name}-{mode}"
                     print(f"[{tag}] {mib} MiB @ {sc.rate:g} MiB/s ...", end=" ", flush=True)
-                    run = one_run(lab, agent, tools, sc, mode, mib, out_dir, tag, args.migrate_arg)
+                    try:
+                        run = one_run(
+                            lab, agent, tools, sc, mode, mib, out_dir, tag, args.migrate_arg
+                        )
+                    except Exception as err:  # reported in the table; go on
+                        run = Run(sc, mode, mib, error=f"{type(err).__name__}: {err}")
                     runs.append(run)
                     if run.ok:
                         print(

@@ -250,6 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
         "(default), just do the final dump, or give up (nothing changed)",
     )
     pc.add_argument(
+        "--restore",
+        choices=("auto", "eager", "lazy"),
+        default="auto",
+        help="lazy: the tree resumes on the target before its memory is in (a local CRIU "
+        "lazy-pages daemon fills it from the pre-copy images; freeze time independent of "
+        "memory size; the source stays frozen until all memory is in). eager: CRIU copies all "
+        "memory before resuming. auto: lazy from 256 MiB with pre-copy",
+    )
+    pc.add_argument(
         "--compress",
         choices=("none", "lz4", "zstd"),
         default="none",

@@ -404,3 +404,29 @@ def check_split(restore_dir: Path, daemon_dir: Path) -> int:
             )
         total += sum(e - s for s, e in d_lazy) // PAGE_SIZE
     return total
+
+
+def chain_to_lazy(restore_dir: Path) -> int:
+    """Turn a final dump rewritten for an eager chain restore (``rewrite_final``: clean runs
+    ``PE_PARENT``, dirty runs ``PE_PRESENT|PE_LAZY`` with data) into the split recipe's restore
+    dir R: clean runs ``PE_LAZY`` without data (served by the lazy-pages daemon), dirty runs
+    ``PE_PRESENT`` (restored eagerly), and no ``parent`` link. The pages files stay as they are:
+    the present runs are the same, in the same order. Returns the pages left lazy.
+    Raises SplitError for flags this cannot come from.
+    """
+    flip = {PE_PARENT: PE_LAZY, PE_PRESENT | PE_LAZY: PE_PRESENT, PE_PRESENT: PE_PRESENT}
+    lazy = 0
+    for path in sorted(Path(restore_dir).glob("pagemap-*.img")):
+        pm = read_pagemap(path)
+        entries = []
+        for e in pm.entries:
+            if e.flags not in flip:
+                raise SplitError(f"{path}: entry {e.vaddr:#x} has flags {e.flags:#x}")
+            entries.append(PagemapEntry(e.vaddr, e.nr_pages, flip[e.flags]))
+            if e.flags == PE_PARENT:
+                lazy += e.nr_pages
+        write_pagemap(path, pm.pages_id, entries)
+    link = Path(restore_dir) / "parent"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    return lazy

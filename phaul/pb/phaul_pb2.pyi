@@ -328,6 +328,7 @@ class Prepare(_message.Message):
     FRESH_PIDNS_FIELD_NUMBER: _builtins.int
     TCP_ESTABLISHED_FIELD_NUMBER: _builtins.int
     PRECOPY_FIELD_NUMBER: _builtins.int
+    RESTORE_FIELD_NUMBER: _builtins.int
     migration_id: _builtins.str
     fresh_pidns: _builtins.bool
     """restore into a new pid namespace under phaul's init"""
@@ -337,6 +338,12 @@ class Prepare(_message.Message):
     the freeze; the final dump's images (pagemap/pages with only the last writes) then come as
     ImageFiles and name that flat image as their parent. Otherwise CRIU's page stream ("criu")
     carries all memory during the freeze.
+    """
+    restore: _builtins.str
+    """"eager": CRIU copies all memory into the tree before it resumes. "lazy" (pre-copy only):
+    the tree resumes first and a local CRIU lazy-pages daemon fills its memory from the
+    pre-copy images; the migration completes (Committed) only when the daemon is done, until
+    then the source stays frozen and a daemon failure rolls back.
     """
     @_builtins.property
     def addresses(self) -> _containers.RepeatedCompositeFieldContainer[Global___Address]: ...
@@ -348,10 +355,11 @@ class Prepare(_message.Message):
         fresh_pidns: _builtins.bool = ...,
         tcp_established: _builtins.bool = ...,
         precopy: _builtins.bool = ...,
+        restore: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "fresh_pidns", b"fresh_pidns", "migration_id", b"migration_id", "precopy", b"precopy", "tcp_established", b"tcp_established"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "fresh_pidns", b"fresh_pidns", "migration_id", b"migration_id", "precopy", b"precopy", "restore", b"restore", "tcp_established", b"tcp_established"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -519,6 +527,30 @@ class Commit(_message.Message):
 Global___Commit: _TypeAlias = Commit  # noqa: Y015
 
 @_typing.final
+class Resumed(_message.Message):
+    """lazy restore: the tree runs, memory still filling"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROOT_PID_FIELD_NUMBER: _builtins.int
+    LAZY_PAGES_FIELD_NUMBER: _builtins.int
+    root_pid: _builtins.int
+    lazy_pages: _builtins.int
+    def __init__(
+        self,
+        *,
+        root_pid: _builtins.int = ...,
+        lazy_pages: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lazy_pages", b"lazy_pages", "root_pid", b"root_pid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Resumed: _TypeAlias = Resumed  # noqa: Y015
+
+@_typing.final
 class Committed(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -545,8 +577,11 @@ class Committed(_message.Message):
     ROOT_PID_FIELD_NUMBER: _builtins.int
     RESUME_MS_FIELD_NUMBER: _builtins.int
     CRIU_STATS_FIELD_NUMBER: _builtins.int
+    FILL_MS_FIELD_NUMBER: _builtins.int
     root_pid: _builtins.int
     resume_ms: _builtins.int
+    fill_ms: _builtins.int
+    """lazy restore: resume -> all memory in"""
     @_builtins.property
     def criu_stats(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]: ...
     def __init__(
@@ -555,10 +590,11 @@ class Committed(_message.Message):
         root_pid: _builtins.int = ...,
         resume_ms: _builtins.int = ...,
         criu_stats: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        fill_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["criu_stats", b"criu_stats", "resume_ms", b"resume_ms", "root_pid", b"root_pid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["criu_stats", b"criu_stats", "fill_ms", b"fill_ms", "resume_ms", b"resume_ms", "root_pid", b"root_pid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -667,6 +703,7 @@ class Envelope(_message.Message):
     ABORTED_FIELD_NUMBER: _builtins.int
     STATUS_QUERY_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
+    RESUMED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello: ...
     @_builtins.property
@@ -707,6 +744,8 @@ class Envelope(_message.Message):
     def status_query(self) -> Global___StatusQuery: ...
     @_builtins.property
     def status(self) -> Global___Status: ...
+    @_builtins.property
+    def resumed(self) -> Global___Resumed: ...
     def __init__(
         self,
         *,
@@ -730,12 +769,13 @@ class Envelope(_message.Message):
         aborted: Global___Aborted | None = ...,
         status_query: Global___StatusQuery | None = ...,
         status: Global___Status | None = ...,
+        resumed: Global___Resumed | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "aborted", b"aborted", "auth_ok", b"auth_ok", "auth_proof", b"auth_proof", "commit", b"commit", "committed", b"committed", "error", b"error", "hello", b"hello", "hello_reply", b"hello_reply", "image_file", b"image_file", "images_done", b"images_done", "log", b"log", "msg", b"msg", "preflight", b"preflight", "preflight_reply", b"preflight_reply", "prepare", b"prepare", "prepare_reply", b"prepare_reply", "restore", b"restore", "restored", b"restored", "status", b"status", "status_query", b"status_query"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "aborted", b"aborted", "auth_ok", b"auth_ok", "auth_proof", b"auth_proof", "commit", b"commit", "committed", b"committed", "error", b"error", "hello", b"hello", "hello_reply", b"hello_reply", "image_file", b"image_file", "images_done", b"images_done", "log", b"log", "msg", b"msg", "preflight", b"preflight", "preflight_reply", b"preflight_reply", "prepare", b"prepare", "prepare_reply", b"prepare_reply", "restore", b"restore", "restored", b"restored", "resumed", b"resumed", "status", b"status", "status_query", b"status_query"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "aborted", b"aborted", "auth_ok", b"auth_ok", "auth_proof", b"auth_proof", "commit", b"commit", "committed", b"committed", "error", b"error", "hello", b"hello", "hello_reply", b"hello_reply", "image_file", b"image_file", "images_done", b"images_done", "log", b"log", "msg", b"msg", "preflight", b"preflight", "preflight_reply", b"preflight_reply", "prepare", b"prepare", "prepare_reply", b"prepare_reply", "restore", b"restore", "restored", b"restored", "status", b"status", "status_query", b"status_query"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "aborted", b"aborted", "auth_ok", b"auth_ok", "auth_proof", b"auth_proof", "commit", b"commit", "committed", b"committed", "error", b"error", "hello", b"hello", "hello_reply", b"hello_reply", "image_file", b"image_file", "images_done", b"images_done", "log", b"log", "msg", b"msg", "preflight", b"preflight", "preflight_reply", b"preflight_reply", "prepare", b"prepare", "prepare_reply", b"prepare_reply", "restore", b"restore", "restored", b"restored", "resumed", b"resumed", "status", b"status", "status_query", b"status_query"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["hello", "hello_reply", "auth_proof", "auth_ok", "error", "log", "preflight", "preflight_reply", "prepare", "prepare_reply", "image_file", "images_done", "restore", "restored", "commit", "committed", "abort", "aborted", "status_query", "status"]  # noqa: Y015
+    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["hello", "hello_reply", "auth_proof", "auth_ok", "error", "log", "preflight", "preflight_reply", "prepare", "prepare_reply", "image_file", "images_done", "restore", "restored", "commit", "committed", "abort", "aborted", "status_query", "status", "resumed"]  # noqa: Y015
     _WhichOneofArgType_msg: _TypeAlias = _typing.Literal["msg", b"msg"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_msg) -> _WhichOneofReturnType_msg | None: ...
 

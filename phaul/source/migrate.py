@@ -41,6 +41,7 @@ from phaul.errors import (
     PhaulError,
     PreflightFailed,
     ProcessGone,
+    ProtocolError,
     UsageError,
 )
 from phaul.pb import phaul_pb2 as pb
@@ -74,10 +75,14 @@ class MigrateConfig:
     tracker: str = "auto"
     policy: ConvergencePolicy = field(default_factory=ConvergencePolicy)
     compress: str = "none"
+    restore: str = "auto"  # "auto" | "eager" | "lazy"
     fault: str = field(default_factory=lambda: os.environ.get("PHAUL_FAULT", ""))
 
 
 PRECOPY_AUTO_BYTES = 16 << 20
+# Below this, CRIU's eager restore of all memory costs less than starting the lazy-pages
+# daemon and splitting the images (reference/local-lazy-restore.md: ~0.2 s per 256 MiB).
+LAZY_AUTO_BYTES = 256 << 20
 
 
 def anon_bytes(pids: list[int]) -> int:
@@ -202,6 +207,12 @@ class SourceMigration:
         anon = anon_bytes(root.pids)
         use_precopy = cfg.precopy == "on" or (cfg.precopy == "auto" and anon >= PRECOPY_AUTO_BYTES)
         self.report.precopy = use_precopy
+        if cfg.restore == "lazy" and not use_precopy:
+            raise UsageError("--restore lazy needs pre-copy (--precopy on or auto)")
+        lazy_restore = use_precopy and (
+            cfg.restore == "lazy" or (cfg.restore == "auto" and anon >= LAZY_AUTO_BYTES)
+        )
+        self.report.restore = "lazy" if lazy_restore else "eager"
         await self.chan.send(
             pb.Prepare(
                 migration_id=self.id,
@@ -209,6 +220,7 @@ class SourceMigration:
                 fresh_pidns=not root.own_pidns,
                 tcp_established=True,
                 precopy=use_precopy,
+                restore=self.report.restore,
             )
         )
         prep = await self.chan.recv(pb.PrepareReply, 60)
@@ -479,11 +491,32 @@ class SourceMigration:
         self.commit_sent = True
         await self.chan.send(pb.Commit())
         try:
-            done_msg = await self.chan.recv(pb.Committed, COMMIT_ACK_TIMEOUT)
-        except (PhaulError, ConnectionError, OSError, TimeoutError) as err:
+            msg = await self.chan.recv_any(COMMIT_ACK_TIMEOUT)
+            if isinstance(msg, pb.Resumed):
+                # Lazy restore: the tree runs on the target while its memory fills in. We stay
+                # frozen (and able to resume) until the target says all memory is in.
+                self.report.mark("running")
+                self.report.lazy_pages = msg.lazy_pages
+                self.emit("resumed", lazy_pages=msg.lazy_pages)
+                msg = await self.chan.recv_any(self.cfg.timeout)
+            if not isinstance(msg, pb.Committed):
+                raise ProtocolError(f"expected Committed, target sent {msg.DESCRIPTOR.name}")
+            done_msg = msg
+        except PhaulError as err:
+            if self.report.restore == "lazy" and err.code != ProtocolError.code:
+                # The target failed to complete the lazy restore and killed its copy.
+                log.warning("target could not complete the lazy restore: %s", err)
+                self.post_dump_error = err
+                return False
             log.warning("no Committed from the target (%s): asking it directly", err)
             return await self._resolve_commit()
-        self.report.mark("running")
+        except (ConnectionError, OSError, TimeoutError) as err:
+            log.warning("no Committed from the target (%s): asking it directly", err)
+            return await self._resolve_commit()
+        if self.report.at("running") is None:
+            self.report.mark("running")
+        self.report.fill_ms = done_msg.fill_ms
+        self.report.mark("complete")
         self.report.target_pid = done_msg.root_pid
         self.report.criu_restore_stats = dict(done_msg.criu_stats)
         self.committed = True
@@ -505,10 +538,15 @@ class SourceMigration:
                 await asyncio.sleep(1)
                 continue
             if status.phase in (Phase.DONE.value, Phase.COMMIT.value):
-                self.report.mark("running")
+                if self.report.at("running") is None:
+                    self.report.mark("running")
                 self.report.target_pid = status.root_pid
                 self.committed = True
                 return True
+            if status.phase == Phase.RESTORE.value:
+                # Still restoring (e.g. a lazy restore filling memory): not decided yet.
+                await asyncio.sleep(0.5)
+                continue
             return False
         self.post_dump_error = CommitUncertain(
             "the target did not confirm the commit and cannot be reached: the tree resumes here; "
@@ -687,6 +725,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             on_no_converge=args.on_no_converge,
         ),
         compress=args.compress,
+        restore=args.restore,
     )
 
     progress = Progress(json_lines=args.json)

@@ -33,6 +33,9 @@ class Report:
     precopy_reason: str = ""
     predicted_downtime_ms: float = 0.0
     final_pages: int = 0  # pages read from the frozen tree by the final dump
+    restore: str = "eager"  # "eager" | "lazy"
+    lazy_pages: int = 0  # pages left to the target's lazy-pages daemon
+    fill_ms: float = 0.0  # lazy restore: tree running -> all memory in (source frozen till then)
     _t0: float = field(default_factory=time.monotonic, repr=False)
     _marks: dict[str, float] = field(default_factory=dict, repr=False)
 
@@ -73,6 +76,11 @@ class Report:
             if self.error:
                 lines.append(f"  error:    {self.error}")
         lines.append(f"  downtime: {self.downtime_ms:.0f} ms    total: {self.total_ms:.0f} ms")
+        if self.restore == "lazy":
+            lines.append(
+                f"  restore:  lazy, {self.lazy_pages} pages filled in {self.fill_ms:.0f} ms "
+                "after the tree resumed"
+            )
         lines.append(
             f"  on wire:  {self.bytes_on_wire / 1e6:.1f} MB "
             f"(pages {self.page_bytes / 1e6:.1f} MB, images {self.image_bytes / 1e3:.0f} kB)"

@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import threading
 import time
 from contextlib import AsyncExitStack
@@ -49,7 +50,8 @@ def fault(name: str) -> None:
 
     ``target-exit-after-images``: the agent process dies at once (as if killed);
     ``target-fail-restore``: the restore fails as if CRIU had failed;
-    ``target-drop-committed``: the connection breaks right before Committed is sent.
+    ``target-drop-committed``: the connection breaks right before Committed is sent;
+    ``target-kill-lazy-daemon``: the lazy-pages daemon dies before the memory is in.
     """
     if os.environ.get("PHAUL_FAULT") != name:
         return
@@ -80,6 +82,10 @@ class TargetSession:
         self.fresh_pidns = False
         self.precopy = False
         self.precopy_dir: Path | None = None
+        self.lazy = False
+        self.lazy_pages = 0
+        self.daemon: Any = None
+        self.resumed = False
         self.page_stats: Any = None
         self.page_done: asyncio.Future[Any] | None = None
         self.image_bytes = 0
@@ -129,6 +135,8 @@ class TargetSession:
                 sock.close()
             if self.swrk is not None:
                 self.swrk.close()
+            if self.daemon is not None:
+                self.daemon.close()
             self.agent.forget(self)
             await self.chan.close()
 
@@ -190,6 +198,11 @@ class TargetSession:
         self._journal()
         self.fresh_pidns = msg.fresh_pidns
         self.precopy = msg.precopy
+        if msg.restore not in ("", "eager", "lazy"):
+            raise ProtocolError(f"unknown restore mode {msg.restore!r}")
+        self.lazy = msg.restore == "lazy"
+        if self.lazy and not self.precopy:
+            raise ProtocolError("a lazy restore needs pre-copy (its pages come from there)")
         self.workdir = self.agent.config.workdir / self.migration_id
         self.workdir.mkdir(parents=True, exist_ok=False)
         self.images_dir = self.workdir / "images"
@@ -271,6 +284,8 @@ class TargetSession:
         if self.precopy:
             # The final dump's page maps name the pre-copy images as their parent.
             (self.images_dir / "parent").symlink_to("../precopy")
+        if self.lazy:
+            await asyncio.to_thread(self._prepare_lazy)
         fault("target-exit-after-images")
 
     def _write_image_chunk(self, msg: pb.ImageFile, open_files: dict[str, Any]) -> None:
@@ -327,6 +342,12 @@ class TargetSession:
             if name != "pre-resume":
                 return True
             timings["pre_resume"] = time.monotonic()
+            if (
+                self.daemon is not None
+                and os.environ.get("PHAUL_FAULT") == "target-kill-lazy-daemon"
+            ):
+                self.log.warning("fault injected: target-kill-lazy-daemon")
+                self.daemon.kill()  # before a single page was served
             fut = asyncio.run_coroutine_threadsafe(self._at_pre_resume(timings), loop)
             try:
                 ok = fut.result(PRE_RESUME_TIMEOUT + 5)
@@ -336,7 +357,7 @@ class TargetSession:
             decided.set()
             return ok
 
-        opts = RestoreOptions(images_dir=self.images_dir)
+        opts = RestoreOptions(images_dir=self.images_dir, lazy_pages=self.lazy)
         try:
             result = await asyncio.to_thread(self.swrk.restore, opts, on_notify, STEP_TIMEOUT)
         except PhaulError:
@@ -344,11 +365,15 @@ class TargetSession:
                 # Committed but CRIU failed while resuming: nothing to roll back to any more.
                 self.log.error("restore failed after commit")
             raise
-        if self.phase is not Phase.COMMIT:
+        if self.phase is not Phase.COMMIT and not self.resumed:
             raise MigrationAborted("restore finished without a commit", phase=self.phase.value)
         self.root_pid = result.pid
         self.agent.adopt(result.child_pid)
         resume_ms = int((time.monotonic() - timings.get("commit", t0)) * 1000)
+        fill_ms = 0
+        if self.lazy:
+            fill_ms = await self._wait_lazy_fill(result)
+            self.machine.advance(Phase.COMMIT)
         self.machine.advance(Phase.DONE)
         self._journal()
         undo.pop_all()
@@ -358,7 +383,12 @@ class TargetSession:
             self.chan.writer.transport.abort()
         with contextlib.suppress(ConnectionError, OSError):
             await self.chan.send(
-                pb.Committed(root_pid=result.pid, resume_ms=resume_ms, criu_stats=result.stats)
+                pb.Committed(
+                    root_pid=result.pid,
+                    resume_ms=resume_ms,
+                    criu_stats=result.stats,
+                    fill_ms=fill_ms,
+                )
             )
         self.log.info(
             "migration %s done: tree runs as PID %d (restore %.0f ms)",
@@ -386,12 +416,53 @@ class TargetSession:
             self.log.warning("source sent %s instead of Commit: rolling back", msg.DESCRIPTOR.name)
             await asyncio.to_thread(self._withdraw_all)
             return False
-        self.machine.advance(Phase.COMMIT)
         timings["commit"] = time.monotonic()
+        if self.lazy:
+            # The tree runs before its memory is in: the migration commits only when the
+            # lazy-pages daemon has finished; until then a failure still rolls back.
+            self.resumed = True
+        else:
+            self.machine.advance(Phase.COMMIT)
         self._journal()
         for iface, dev in self.addresses:
             self.garp[dev].send(iface.ip)
         return True
+
+    def _prepare_lazy(self) -> None:
+        """Split recipe: R = our images re-flagged, D = the daemon's view of the pre-copy
+        images; the invariant between them is checked in build_daemon_dir. The daemon's work
+        dir is R itself (restore and daemon must share it; a fresh pid namespace restore cannot
+        take a separate work dir over RPC)."""
+        from phaul.engine.lazy_restore import DaemonOptions, LazyPagesDaemon
+        from phaul.page_server.lazy_split import build_daemon_dir, chain_to_lazy
+
+        assert self.images_dir is not None and self.precopy_dir and self.workdir
+        self.lazy_pages = chain_to_lazy(self.images_dir)
+        daemon_dir = self.workdir / "daemon"
+        daemon_dir.mkdir()
+        build_daemon_dir(self.images_dir, self.precopy_dir, daemon_dir)
+        self.daemon = LazyPagesDaemon.start(
+            self.agent.criu, DaemonOptions(daemon_dir=daemon_dir, work_dir=self.images_dir)
+        )
+
+    async def _wait_lazy_fill(self, result: Any) -> int:
+        """The tree runs; wait until the daemon has copied every page (exit 0)."""
+        with contextlib.suppress(ConnectionError, OSError):
+            await self.chan.send(pb.Resumed(root_pid=result.pid, lazy_pages=self.lazy_pages))
+        t0 = time.monotonic()
+        outcome = await asyncio.to_thread(self.daemon.wait, STEP_TIMEOUT, 5.0)
+        if outcome.complete:
+            return int((time.monotonic() - t0) * 1000)
+        # Its memory will never be complete: the copy must go, the source resumes.
+        await asyncio.to_thread(self._withdraw_all)
+        victim = result.init_pid or result.pid
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGKILL)
+        raise MigrationAborted(
+            f"the lazy-pages daemon failed ({outcome.reason}); the restored copy was killed",
+            phase=Phase.RESTORE.value,
+            log_path=str(outcome.log_path),
+        )
 
     # --- undo -----------------------------------------------------------------------------------
     def _withdraw_address(self, iface: ipaddress.IPv4Interface, dev: str) -> None:

@@ -83,4 +83,5 @@ def recover(workdir: Path) -> list[str]:
             log.warning("migration %s was interrupted in phase %s: rolled back", mdir.name, phase)
         shutil.rmtree(mdir / "images", ignore_errors=True)
         shutil.rmtree(mdir / "precopy", ignore_errors=True)
+        shutil.rmtree(mdir / "daemon", ignore_errors=True)
     return rolled

@@ -486,3 +486,5 @@ class TargetSession:
             shutil.rmtree(self.images_dir, ignore_errors=True)
         if self.precopy_dir is not None:
             shutil.rmtree(self.precopy_dir, ignore_errors=True)
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir / "daemon", ignore_errors=True)

@@ -56,6 +56,13 @@ class PageRelay:
             if self.error is None:
                 self.error = err
             log.debug("page relay (%s) ended: %s", "out" if outbound else "in", err)
+            if outbound:
+                # The target hung up (e.g. its quota was exceeded): CRIU must not block writing
+                # pages nobody reads; its next write fails and the dump ends (tree resumes).
+                try:
+                    src.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
         finally:
             try:
                 dst.shutdown(socket.SHUT_WR)

@@ -10,7 +10,7 @@ PY=${PYTHON:-python3}
 log() { echo "setup: $*" >&2; }
 
 PKGS=(iproute2 nftables iptables tini openssh-server openssh-client iputils-ping procps psmisc
-      gcc libc6-dev ca-certificates redis-server)
+      gcc libc6-dev ca-certificates redis-server systemd)  # systemd: systemd-analyze (unit test)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -416,13 +416,14 @@ class SourceMigration:
         assert pre is not None
         try:
             clean = await asyncio.to_thread(pre.final_collect)
+            self.report.mark("collected")
             pids = pre.pids_by_vpid()
 
             def read_pages(vpid: int, ranges: list[tuple[int, int]]) -> Any:
                 pid = pids.get(vpid)
                 if pid is None:  # a process born during pre-copy: not tracked, read it all
                     pid = self._host_pid(vpid)
-                yield from VmReader(pid, 16 << 20).read(ranges)
+                yield from VmReader(pid, 4 << 20).read(ranges)
 
             # The parent (the pre-copy images) lives on the target, where the session puts the
             # same link; the coverage check is done there (ours is a dangling link, not sent).
@@ -602,6 +603,7 @@ class SourceMigration:
         r = self.report
         r.span("connect+preflight", "start", "dump")
         r.span("dump", "freeze", "dumped")
+        r.span("final-collect", "dumped", "collected")
         r.span("pages", "dumped", "pages_sent")
         r.span("images", "pages_sent", "images_sent")
         r.span("restore", "images_sent", "restored")

@@ -149,7 +149,7 @@ class Scenario:
 SCENARIOS = {
     s.name: s
     for s in (
-        Scenario("dirty512", 512, 10.0),
+        Scenario("dirty512", 512, 10.0, ("precopy", "precopy-eager", "stop-and-copy")),
         Scenario("idle64", 64, 0.0),
         Scenario("idle1g", 1024, 0.0),
         Scenario("dirty512-lz4", 512, 10.0, ("precopy",), "lz4", "dirty512"),
@@ -291,8 +291,10 @@ def one_run(
     wait_file(work / "info", 120, "memwriter to fill its memory")
     time.sleep(1.0)  # let the writer reach its rate
     report_path = work / "report.json"
-    args = ["--precopy", "on" if mode == "precopy" else "off", "--no-move-ip",
+    args = ["--precopy", "off" if mode == "stop-and-copy" else "on", "--no-move-ip",
             "--report", str(report_path), *extra]  # fmt: skip
+    if mode == "precopy-eager":
+        args += ["--restore", "eager"]
     if mode == "precopy" and sc.compress != "none":
         args += ["--compress", sc.compress]
     before = link_bytes(a)
@@ -346,7 +348,7 @@ def fmt(v: float | None, spec: str = ".0f") -> str:
 def print_runs(runs: list[Run]) -> None:
     head = (
         f"{'scenario':<14} {'mode':<13} {'phaul ms':>9} {'criu ms':>8} {'stall ms':>9} "
-        f"{'restore':>8} "
+        f"{'restore':>8} {'rst':>5} {'fill ms':>7} "
         f"{'total s':>8} {'wire MB':>8} {'wire/M':>7} {'phaul MB':>9} {'passes':>6} "
         f"{'final pg':>8}  memory check"
     )
@@ -354,12 +356,13 @@ def print_runs(runs: list[Run]) -> None:
     print("-" * len(head))
     for r in runs:
         m_bytes = r.mib * MIB
-        passes = len(r.report.get("passes", [])) if r.mode == "precopy" else 0
+        passes = len(r.report.get("passes", []))
         check = r.check if r.ok else f"BAD: {r.check or r.error}"
         name = r.scenario.name + ("" if r.mib == r.scenario.mib else f"({r.mib}M)")
         print(
             f"{name:<14} {r.mode:<13} {fmt(r.downtime_ms):>9} {fmt(r.frozen_ms):>8} "
             f"{fmt(r.stall_ms):>9} {fmt(r.report.get('phases_ms', {}).get('restore')):>8} "
+            f"{r.report.get('restore', '-'):>5} {fmt(r.report.get('fill_ms') or None):>7} "
             f"{r.report.get('total_ms', 0) / 1000:8.2f} "
             f"{r.wire_bytes / 1e6:8.1f} {r.wire_bytes / m_bytes:7.2f} "
             f"{r.phaul_bytes / 1e6:9.1f} {passes:6d} {r.report.get('final_pages', 0):8d}  "
@@ -373,9 +376,9 @@ def med(values: list[float]) -> float | None:
 
 def print_ratios(runs: list[Run], scenarios: list[Scenario]) -> None:
     print("\nstop-and-copy / pre-copy (medians of the runs that verified ok):")
-    for sc in scenarios:
+    for sc, mode in [(s, m) for s in scenarios for m in s.modes if m != "stop-and-copy"]:
         base = SCENARIOS[sc.baseline] if sc.baseline else sc
-        pre = [r for r in runs if r.scenario == sc and r.mode == "precopy" and r.ok]
+        pre = [r for r in runs if r.scenario == sc and r.mode == mode and r.ok]
         snc = [r for r in runs if r.scenario == base and r.mode == "stop-and-copy" and r.ok]
         if not pre or not snc:
             continue
@@ -390,16 +393,16 @@ def print_ratios(runs: list[Run], scenarios: list[Scenario]) -> None:
         if total_p and total_s:
             parts.append(f"total {total_s / 1000:.2f} / {total_p / 1000:.2f} s")
         src = f" (stop-and-copy of {base.name})" if sc.baseline else ""
-        print(f"  {sc.name:<14} " + "; ".join(parts) + src)
+        print(f"  {sc.name + ' ' + mode:<28} " + "; ".join(parts) + src)
 
 
 def print_passes(runs: list[Run]) -> None:
     for i, r in enumerate(runs):
-        if r.mode != "precopy" or not r.report.get("passes"):
+        if not r.mode.startswith("precopy") or not r.report.get("passes"):
             continue
         rep = r.report
         print(
-            f"\n{r.scenario.name} pre-copy run {i + 1}: tracker {rep.get('tracker')}, "
+            f"\n{r.scenario.name} {r.mode} run {i + 1}: tracker {rep.get('tracker')}, "
             f"{rep.get('precopy_reason')}"
         )
         print(
@@ -419,6 +422,12 @@ def print_passes(runs: list[Run]) -> None:
             f"downtime {rep.get('predicted_downtime_ms', 0):.0f} ms, measured "
             f"{rep.get('downtime_ms', 0):.0f} ms; phases (ms): {phases}"
         )
+        if rep.get("restore") == "lazy":
+            print(
+                f"   lazy restore: {rep.get('lazy_pages', 0)} pages left to the target's "
+                f"lazy-pages daemon, filled {rep.get('fill_ms', 0):.0f} ms after the tree "
+                "resumed (the source stays frozen, not running, until then)"
+            )
 
 
 def print_targets(runs: list[Run]) -> None:

@@ -559,7 +559,10 @@ class SourceMigration:
         assert self.chan is not None
         files = 0
         total = 0
-        for path in sorted(self.images_dir.iterdir()):
+        # inventory and pstree first: a lazy restore's daemon can start on them alone.
+        first = ("inventory.img", "pstree.img")
+        paths = sorted(self.images_dir.iterdir(), key=lambda p: (p.name not in first, p.name))
+        for path in paths:
             if path.suffix == ".log" or not path.is_file():
                 continue
             data = path.read_bytes()

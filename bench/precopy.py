@@ -287,7 +287,9 @@ def one_run(
             str(mib), "-i", str(work / "info"), "-r", str(work / "result")]  # fmt: skip
     if sc.rate:
         argv += ["-d", str(sc.rate), "-t", "1"]
-    wl = a.start_workload(argv, log=work / "workload.log")
+    # A private cwd: for a tree in its own pid namespace CRIU's parasite mounts proc on
+    # "proc.crtools" in the task's cwd; two dumps sharing a cwd collide there (EEXIST).
+    wl = a.start_workload(argv, log=work / "workload.log", cwd=work)
     wait_file(work / "info", 120, "memwriter to fill its memory")
     time.sleep(1.0)  # let the writer reach its rate
     report_path = work / "report.json"

@@ -270,7 +270,10 @@ class TargetSession:
         open_files: dict[str, Any] = {}
         try:
             while True:
-                msg = await self.chan.recv_any(STEP_TIMEOUT)
+                # Pre-copy passes may take long with no control message at all; a dead or
+                # silent peer is caught by the idle check (which also sees the page stream).
+                wait = None if self.precopy else STEP_TIMEOUT
+                msg = await self.chan.recv_any(wait)
                 if isinstance(msg, pb.ImageFile):
                     self._write_image_chunk(msg, open_files)
                 elif isinstance(msg, pb.ImagesDone):

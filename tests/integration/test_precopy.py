@@ -125,3 +125,41 @@ def test_lazy_daemon_death_rolls_back(lab: Lab) -> None:
     pid = writer_on(a, work)
     assert verify(pid, work).startswith("ok pages=8192 bad=0")
     wait_for(lambda: set(pids_in(b)) <= {agent.proc.pid}, 10, "the target copy to be gone")
+
+
+def test_writer_faster_than_link_is_throttled_then_converges(lab: Lab) -> None:
+    """A workload dirtying memory faster than a 80 Mbit/s link: passes stop shrinking, the
+    tree's CPU is capped in steps until pre-copy converges; memory exact; cap released."""
+    a, b = lab.host("a"), lab.host("b")
+    lab.shape(a, "80mbit")
+    root, work = start_writer(lab, a, "-m", "24", "-d", "40", "-t", "1")
+    agent = start_agent(lab, b, make_token(lab))
+    report_path = lab.tmpfile("report", ".json")
+    res = migrate(
+        lab, a, root, agent, "--precopy", "on", "--restore", "eager", "--max-downtime", "400",
+        "--max-iterations", "12", "--report", str(report_path), timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    throttles = [p["throttle"] for p in report["passes"]]
+    assert max(throttles) >= 0.2, report["passes"]
+    assert "throttl" in res.stderr.lower()
+    pid = writer_on(b, work)
+    assert verify(pid, work).startswith("ok pages=6144 bad=0")
+    assert "phaul-throttle" not in Path(f"/proc/{pid}/cgroup").read_text()
+
+
+def test_abort_when_not_converging_leaves_the_tree_running(lab: Lab) -> None:
+    a, b = lab.host("a"), lab.host("b")
+    lab.shape(a, "40mbit")
+    root, work = start_writer(lab, a, "-m", "16", "-d", "40", "-t", "1")
+    agent = start_agent(lab, b, make_token(lab))
+    res = migrate(
+        lab, a, root, agent, "--precopy", "on", "--max-downtime", "50", "--on-no-converge",
+        "abort", timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 11, res.stderr[-3000:]
+    assert "not converging" in res.stderr or "not converged" in res.stderr
+    pid = writer_on(a, work)
+    assert verify(pid, work).startswith("ok pages=4096 bad=0")
+    wait_for(lambda: not list(agent.workdir.glob("*/precopy/*.img")), 10, "target cleanup")

@@ -86,6 +86,7 @@ class TargetSession:
         self.lazy_pages = 0
         self.daemon: Any = None
         self.daemon_task: asyncio.Future[Any] | None = None
+        self.prepare_task: asyncio.Future[None] | None = None
         self.resumed = False
         self.page_stats: Any = None
         self.page_done: asyncio.Future[Any] | None = None
@@ -136,6 +137,9 @@ class TargetSession:
                 sock.close()
             if self.swrk is not None:
                 self.swrk.close()
+            if self.prepare_task is not None:
+                with contextlib.suppress(BaseException):
+                    await self.prepare_task
             if self.daemon is None and self.daemon_task is not None:
                 with contextlib.suppress(BaseException):
                     self.daemon = await self.daemon_task
@@ -292,7 +296,10 @@ class TargetSession:
             # The final dump's page maps name the pre-copy images as their parent.
             (self.images_dir / "parent").symlink_to("../precopy")
         if self.lazy:
-            await asyncio.to_thread(self._prepare_lazy)
+            if self.prepare_task is not None:
+                await self.prepare_task
+            else:
+                await asyncio.to_thread(self._prepare_lazy)
             if self.daemon_task is not None:
                 self.daemon = await self.daemon_task
             else:
@@ -311,6 +318,7 @@ class TargetSession:
             raise ProtocolError("image quota exceeded")
         f = open_files.get(msg.name)
         if f is None:
+            self._maybe_prepare_lazy_early(msg.name)
             path = self.images_dir / msg.name
             if path.exists():
                 raise ProtocolError(f"image file {msg.name} sent twice")
@@ -457,6 +465,19 @@ class TargetSession:
             (t1 - t0) * 1000,
             (time.monotonic() - t1) * 1000,
         )
+
+    def _maybe_prepare_lazy_early(self, name: str) -> None:
+        """Images come sorted after inventory and pstree: once a file that sorts after every
+        ``pagemap-*`` starts (the dirty pages, ``pages-*``, usually the largest), all page maps
+        and mm images are here; split them while the rest still arrives."""
+        if (
+            not self.lazy
+            or self.prepare_task is not None
+            or name in ("inventory.img", "pstree.img")
+        ):
+            return
+        if name > "pagemap-\x7f":
+            self.prepare_task = asyncio.ensure_future(asyncio.to_thread(self._prepare_lazy))
 
     def _maybe_prestart_daemon(self) -> None:
         """The daemon reads only inventory.img and pstree.img at start (the rest when the

@@ -163,25 +163,13 @@ def iter_entries(data: bytes | memoryview, magic: int, *, what: str = "image") -
         off += size
 
 
-def _decode_entry(raw: bytes, what: str) -> PagemapEntry:
-    msg = criu_images_pb2.pagemap_entry()
-    try:
-        msg.ParseFromString(raw)
-    except DecodeError as err:
-        raise ProtocolError(f"{what}: bad pagemap_entry: {err}") from err
-    # The same normalisation as CRIU's init_compat_pagemap_entry() (criu/pagemap.c).
-    flags = msg.flags
-    if msg.HasField("in_parent") and msg.in_parent:
-        flags |= PE_PARENT
-    elif not msg.HasField("flags"):
-        flags = PE_PRESENT
-    nr_pages = msg.nr_pages if msg.HasField("nr_pages") else msg.compat_nr_pages
-    return PagemapEntry(vaddr=msg.vaddr, nr_pages=nr_pages, flags=flags)
-
-
 def decode_pagemap(data: bytes | memoryview, *, what: str = "pagemap") -> Pagemap:
     """Decode a pagemap image. Raises ProtocolError when it is malformed, when entries are not
-    sorted or overlap, or when a page address is not page aligned."""
+    sorted or overlap, or when a page address is not page aligned.
+
+    The entries are re-framed as one ``pagemap_entry_list`` (our own wrapper message) and parsed
+    by protobuf's C parser in one call: per-entry Python parsing was the cost of the lazy
+    restore's split at the freeze (thousands of entries)."""
     it = iter_entries(data, PAGEMAP_MAGIC, what=what)
     try:
         raw_head = next(it)
@@ -194,17 +182,47 @@ def decode_pagemap(data: bytes | memoryview, *, what: str = "pagemap") -> Pagema
         raise ProtocolError(f"{what}: bad pagemap_head: {err}") from err
     if not head.IsInitialized():
         raise ProtocolError(f"{what}: pagemap_head without pages_id")
+    framed = b"".join(_LIST_TAG + _varint(len(raw)) + raw for raw in it)
+    wrapper = criu_images_pb2.pagemap_entry_list()
+    try:
+        wrapper.ParseFromString(framed)
+    except DecodeError as err:
+        raise ProtocolError(f"{what}: bad pagemap_entry: {err}") from err
     entries: list[PagemapEntry] = []
     prev_end = 0
-    for raw in it:
-        entry = _decode_entry(raw, what)
-        if entry.vaddr % PAGE_SIZE:
-            raise ProtocolError(f"{what}: unaligned vaddr {entry.vaddr:#x}")
-        if entry.vaddr < prev_end:
-            raise ProtocolError(f"{what}: entry {entry.vaddr:#x} overlaps or is out of order")
+    for msg in wrapper.entries:
+        if not msg.IsInitialized():
+            raise ProtocolError(f"{what}: pagemap_entry without its required fields")
+        # The same normalisation as CRIU's init_compat_pagemap_entry() (criu/pagemap.c).
+        flags = msg.flags
+        if msg.in_parent:
+            flags |= PE_PARENT
+        elif not msg.HasField("flags"):
+            flags = PE_PRESENT
+        nr_pages = msg.nr_pages if msg.HasField("nr_pages") else msg.compat_nr_pages
+        vaddr = msg.vaddr
+        if vaddr % PAGE_SIZE:
+            raise ProtocolError(f"{what}: unaligned vaddr {vaddr:#x}")
+        if vaddr < prev_end:
+            raise ProtocolError(f"{what}: entry {vaddr:#x} overlaps or is out of order")
+        entry = PagemapEntry(vaddr=vaddr, nr_pages=nr_pages, flags=flags)
         prev_end = entry.end
         entries.append(entry)
     return Pagemap(pages_id=head.pages_id, entries=tuple(entries))
+
+
+_LIST_TAG = b"\x0a"  # field 1, length-delimited
+
+
+def _varint(n: int) -> bytes:
+    if n < 0x80:
+        return bytes((n,))
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
 
 def read_pagemap(path: Path) -> Pagemap:

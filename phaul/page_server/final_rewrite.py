@@ -276,7 +276,14 @@ def _copy(src: int, src_off: int, dst: int, count: int) -> None:
         count -= n
 
 
-def _write_process(final_dir: Path, plan: _Plan, read_pages: ReadPages) -> None:
+# A lazy restore (split recipe, reference/local-lazy-restore.md) wants clean runs left lazy
+# without data (a local lazy-pages daemon serves them) and dirty runs restored eagerly.
+_FOR_LAZY_RESTORE = {PE_PARENT: PE_LAZY, PE_PRESENT | PE_LAZY: PE_PRESENT}
+
+
+def _write_process(
+    final_dir: Path, plan: _Plan, read_pages: ReadPages, for_lazy_restore: bool = False
+) -> None:
     pages_path = final_dir / pages_name(plan.pagemap.pages_id)
     tmp = pages_path.with_name(pages_path.name + ".tmp")
     to_read = [(e.vaddr, e.nr_pages * PAGE_SIZE) for e, kind in plan.out if kind == _READ]
@@ -307,9 +314,13 @@ def _write_process(final_dir: Path, plan: _Plan, read_pages: ReadPages) -> None:
         if src >= 0:
             os.close(src)
     tmp.replace(pages_path)
-    write_pagemap(
-        final_dir / pagemap_name(plan.vpid), plan.pagemap.pages_id, [e for e, _ in plan.out]
-    )
+    entries = [e for e, _ in plan.out]
+    if for_lazy_restore:
+        entries = [
+            PagemapEntry(e.vaddr, e.nr_pages, _FOR_LAZY_RESTORE.get(e.flags, e.flags))
+            for e in entries
+        ]
+    write_pagemap(final_dir / pagemap_name(plan.vpid), plan.pagemap.pages_id, entries)
 
 
 def _link_parent(final_dir: Path, parent_link: str) -> None:
@@ -327,6 +338,7 @@ def rewrite_final(
     read_pages: ReadPages,
     parent_link: str | None,
     require_parent: bool = True,
+    for_lazy_restore: bool = False,
 ) -> RewriteStats:
     """Rewrite the lazy final dump in ``final_dir`` into ``PE_PARENT`` + ``PE_PRESENT`` runs.
 
@@ -335,6 +347,8 @@ def rewrite_final(
     since they were copied there; every other lazy page is read with
     ``read_pages(vpid, [(addr, nbytes), ...])``. ``parent_link``: the ``parent`` symlink to
     create (relative to ``final_dir``, e.g. ``"../pre"``); None keeps an existing one.
+    ``for_lazy_restore``: write the split recipe's restore dir instead (clean runs ``PE_LAZY``
+    without data, for the target's lazy-pages daemon; dirty runs ``PE_PRESENT``; no parent).
 
     Before anything is written, every ``PE_PARENT`` run is checked against the parent's
     pagemap (``require_parent=False`` skips the check when the parent directory does not exist
@@ -369,7 +383,7 @@ def rewrite_final(
         parent_dir = final_dir / PARENT_LINK
     else:
         parent_dir = None
-    needs_parent = any(p.stats.parent_pages for p in plans)
+    needs_parent = not for_lazy_restore and any(p.stats.parent_pages for p in plans)
     if needs_parent:
         if parent_dir is not None and parent_dir.is_dir():
             for p in plans:
@@ -384,7 +398,7 @@ def rewrite_final(
 
     try:
         for p in plans:
-            _write_process(final_dir, p, read_pages)
+            _write_process(final_dir, p, read_pages, for_lazy_restore)
         if parent_link is not None:
             _link_parent(final_dir, parent_link)
     except OSError as err:

@@ -320,6 +320,15 @@ def build_daemon_dir(restore_dir: Path, parent_dir: Path, daemon_dir: Path) -> S
             write_pagemap(daemon_dir / pagemap_name(vpid), pages_id, entries)
         except OSError as err:
             raise SplitError(f"cannot write the daemon pagemap of task {vpid}: {err}") from err
+        # The invariant, on exactly what was written (check_split re-reads it from disk).
+        _check_task(
+            vpid,
+            lazy,
+            Pagemap(pages_id=pages_id, entries=tuple(entries)),
+            daemon_dir / pagemap_name(vpid),
+            restore_dir,
+            daemon_dir,
+        )
         lazy_pages = sum(e - s for s, e in lazy) // PAGE_SIZE
         parent_pages = parent.present_pages if parent else 0
         eager_only = not lazy
@@ -341,7 +350,6 @@ def build_daemon_dir(restore_dir: Path, parent_dir: Path, daemon_dir: Path) -> S
                 eager_only=eager_only,
             )
         )
-    check_split(restore_dir, daemon_dir)
     stats = SplitStats(tuple(out), time.monotonic() - t0)
     log.info(
         "daemon dir %s built in %.1f ms: %d lazy pages served, %d skipped, %d entries",
@@ -372,38 +380,50 @@ def check_split(restore_dir: Path, daemon_dir: Path) -> int:
             d_pm = read_pagemap(d_path)
         except OSError as err:
             raise SplitError(f"daemon pagemap {d_path}: {err}") from err
-        for e in d_pm.entries:
-            if e.flags & PE_LAZY and e.flags != PE_PRESENT | PE_LAZY:
-                raise SplitMismatch(
-                    f"{d_path}: lazy entry {e.vaddr:#x} has flags {e.flags:#x}, the daemon "
-                    "serves only PE_PRESENT|PE_LAZY entries"
-                )
-            if e.flags & PE_LAZY and e.nr_pages > MAX_LAZY_ENTRY_PAGES:
-                raise SplitMismatch(f"{d_path}: lazy entry {e.vaddr:#x} of {e.nr_pages} pages")
-        d_lazy = lazy_ranges(d_pm)
-        missing = _diff(r_lazy, d_lazy)
-        if missing is not None:
-            raise SplitMismatch(
-                f"task {vpid}: pages {missing[0]:#x}-{missing[1]:#x} are lazy in {restore_dir} "
-                f"but not served by {daemon_dir}: they would read as ZEROS"
-            )
-        extra = _diff(d_lazy, r_lazy)
-        if extra is not None:
-            raise SplitMismatch(
-                f"task {vpid}: pages {extra[0]:#x}-{extra[1]:#x} are served by {daemon_dir} but "
-                f"restored eagerly from {restore_dir}: the daemon would livelock on EEXIST"
-            )
-        pages = daemon_dir / pages_name(d_pm.pages_id)
-        try:
-            size = pages.stat().st_size
-        except OSError as err:
-            raise SplitError(f"daemon pages file {pages}: {err}") from err
-        if size < d_pm.present_pages * PAGE_SIZE:
-            raise SplitMismatch(
-                f"{pages} has {size} bytes, {d_path} needs {d_pm.present_pages * PAGE_SIZE}"
-            )
-        total += sum(e - s for s, e in d_lazy) // PAGE_SIZE
+        total += _check_task(vpid, r_lazy, d_pm, d_path, restore_dir, daemon_dir)
     return total
+
+
+def _check_task(
+    vpid: int,
+    r_lazy: list[Range],
+    d_pm: Pagemap,
+    d_path: Path,
+    restore_dir: Path,
+    daemon_dir: Path,
+) -> int:
+    """The invariant for one task: D serves exactly R's lazy set (see :func:`check_split`)."""
+    for e in d_pm.entries:
+        if e.flags & PE_LAZY and e.flags != PE_PRESENT | PE_LAZY:
+            raise SplitMismatch(
+                f"{d_path}: lazy entry {e.vaddr:#x} has flags {e.flags:#x}, the daemon "
+                "serves only PE_PRESENT|PE_LAZY entries"
+            )
+        if e.flags & PE_LAZY and e.nr_pages > MAX_LAZY_ENTRY_PAGES:
+            raise SplitMismatch(f"{d_path}: lazy entry {e.vaddr:#x} of {e.nr_pages} pages")
+    d_lazy = lazy_ranges(d_pm)
+    missing = _diff(r_lazy, d_lazy)
+    if missing is not None:
+        raise SplitMismatch(
+            f"task {vpid}: pages {missing[0]:#x}-{missing[1]:#x} are lazy in {restore_dir} "
+            f"but not served by {daemon_dir}: they would read as ZEROS"
+        )
+    extra = _diff(d_lazy, r_lazy)
+    if extra is not None:
+        raise SplitMismatch(
+            f"task {vpid}: pages {extra[0]:#x}-{extra[1]:#x} are served by {daemon_dir} but "
+            f"restored eagerly from {restore_dir}: the daemon would livelock on EEXIST"
+        )
+    pages = daemon_dir / pages_name(d_pm.pages_id)
+    try:
+        size = pages.stat().st_size
+    except OSError as err:
+        raise SplitError(f"daemon pages file {pages}: {err}") from err
+    if size < d_pm.present_pages * PAGE_SIZE:
+        raise SplitMismatch(
+            f"{pages} has {size} bytes, {d_path} needs {d_pm.present_pages * PAGE_SIZE}"
+        )
+    return sum(e - s for s, e in d_lazy) // PAGE_SIZE
 
 
 def chain_to_lazy(restore_dir: Path) -> int:

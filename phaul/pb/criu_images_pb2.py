@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11\x63riu_images.proto\x12\x11phaul.criu_images\" \n\x0cpagemap_head\x12\x10\n\x08pages_id\x18\x01 \x02(\r\"k\n\rpagemap_entry\x12\r\n\x05vaddr\x18\x01 \x02(\x04\x12\x17\n\x0f\x63ompat_nr_pages\x18\x02 \x02(\r\x12\x11\n\tin_parent\x18\x03 \x01(\x08\x12\r\n\x05\x66lags\x18\x04 \x01(\r\x12\x10\n\x08nr_pages\x18\x05 \x01(\x04\"U\n\x0cpstree_entry\x12\x0b\n\x03pid\x18\x01 \x02(\r\x12\x0c\n\x04ppid\x18\x02 \x02(\r\x12\x0c\n\x04pgid\x18\x03 \x02(\r\x12\x0b\n\x03sid\x18\x04 \x02(\r\x12\x0f\n\x07threads\x18\x05 \x03(\r')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11\x63riu_images.proto\x12\x11phaul.criu_images\" \n\x0cpagemap_head\x12\x10\n\x08pages_id\x18\x01 \x02(\r\"k\n\rpagemap_entry\x12\r\n\x05vaddr\x18\x01 \x02(\x04\x12\x17\n\x0f\x63ompat_nr_pages\x18\x02 \x02(\r\x12\x11\n\tin_parent\x18\x03 \x01(\x08\x12\r\n\x05\x66lags\x18\x04 \x01(\r\x12\x10\n\x08nr_pages\x18\x05 \x01(\x04\"G\n\x12pagemap_entry_list\x12\x31\n\x07\x65ntries\x18\x01 \x03(\x0b\x32 .phaul.criu_images.pagemap_entry\"U\n\x0cpstree_entry\x12\x0b\n\x03pid\x18\x01 \x02(\r\x12\x0c\n\x04ppid\x18\x02 \x02(\r\x12\x0c\n\x04pgid\x18\x03 \x02(\r\x12\x0b\n\x03sid\x18\x04 \x02(\r\x12\x0f\n\x07threads\x18\x05 \x03(\r')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,6 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PAGEMAP_HEAD']._serialized_end=72
   _globals['_PAGEMAP_ENTRY']._serialized_start=74
   _globals['_PAGEMAP_ENTRY']._serialized_end=181
-  _globals['_PSTREE_ENTRY']._serialized_start=183
-  _globals['_PSTREE_ENTRY']._serialized_end=268
+  _globals['_PAGEMAP_ENTRY_LIST']._serialized_start=183
+  _globals['_PAGEMAP_ENTRY_LIST']._serialized_end=254
+  _globals['_PSTREE_ENTRY']._serialized_start=256
+  _globals['_PSTREE_ENTRY']._serialized_end=341
 # @@protoc_insertion_point(module_scope)

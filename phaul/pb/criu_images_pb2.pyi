@@ -88,6 +88,30 @@ class pagemap_entry(_message.Message):
 Global___pagemap_entry: _TypeAlias = pagemap_entry  # noqa: Y015
 
 @_typing.final
+class pagemap_entry_list(_message.Message):
+    """Not a CRIU message: phaul wraps a pagemap image's entries into one of these (each entry
+    framed as field 1) so that protobuf's C parser decodes them all in one call.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___pagemap_entry]: ...
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[Global___pagemap_entry] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___pagemap_entry_list: _TypeAlias = pagemap_entry_list  # noqa: Y015
+
+@_typing.final
 class pstree_entry(_message.Message):
     """pstree.img: one entry per task; pid is the task's pid in its own (innermost) pid namespace,
     which is the <vpid> in pagemap-<vpid>.img.

@@ -427,13 +427,16 @@ class SourceMigration:
 
             # The parent (the pre-copy images) lives on the target, where the session puts the
             # same link; the coverage check is done there (ours is a dangling link, not sent).
+            # For a lazy restore the target's daemon serves the clean pages instead.
+            lazy_restore = self.report.restore == "lazy"
             stats = await asyncio.to_thread(
                 rewrite_final,
                 self.images_dir,
                 clean=clean,
                 read_pages=read_pages,
-                parent_link="../precopy",
+                parent_link=None if lazy_restore else "../precopy",
                 require_parent=False,
+                for_lazy_restore=lazy_restore,
             )
             self.report.final_pages = int(stats.read_pages)
             self.report.mark("pages_sent")
@@ -614,8 +617,10 @@ class SourceMigration:
         freeze, running = r.at("freeze"), r.at("running")
         if freeze is not None and running is not None:
             r.downtime_ms = round((running - freeze) * 1000, 1)
-        r.bytes_on_wire = (self.chan.bytes_sent + self.chan.bytes_received if self.chan else 0) + (
-            self.relay.bytes_out + self.relay.bytes_in if self.relay else 0
+        r.bytes_on_wire = (
+            (self.chan.bytes_sent + self.chan.bytes_received if self.chan else 0)
+            + (self.relay.bytes_out + self.relay.bytes_in if self.relay else 0)
+            + (self.precopy.bytes_wire if self.precopy is not None else 0)
         )
 
     def _target_log(self, msg: pb.Log) -> None:

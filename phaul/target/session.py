@@ -292,7 +292,7 @@ class TargetSession:
         if open_files:
             raise ProtocolError("image files left incomplete")
         self.page_stats = await asyncio.wait_for(self.page_done, STEP_TIMEOUT)
-        if self.precopy:
+        if self.precopy and not self.lazy:
             # The final dump's page maps name the pre-copy images as their parent.
             (self.images_dir / "parent").symlink_to("../precopy")
         if self.lazy:
@@ -453,18 +453,13 @@ class TargetSession:
         images; the invariant between them is checked in build_daemon_dir. The daemon's work
         dir is R itself (restore and daemon must share it; a fresh pid namespace restore cannot
         take a separate work dir over RPC)."""
-        from phaul.page_server.lazy_split import build_daemon_dir, chain_to_lazy
+        from phaul.page_server.lazy_split import build_daemon_dir
 
         assert self.images_dir is not None and self.precopy_dir and self.workdir
-        t0 = time.monotonic()
-        self.lazy_pages = chain_to_lazy(self.images_dir)
-        t1 = time.monotonic()
-        build_daemon_dir(self.images_dir, self.precopy_dir, self.workdir / "daemon")
-        self.log.info(
-            "lazy restore prepared: R %.0f ms, D %.0f ms",
-            (t1 - t0) * 1000,
-            (time.monotonic() - t1) * 1000,
-        )
+        # The source wrote our images as the restore dir R already (rewrite_final
+        # for_lazy_restore): clean pages PE_LAZY without data, dirty ones PE_PRESENT.
+        stats = build_daemon_dir(self.images_dir, self.precopy_dir, self.workdir / "daemon")
+        self.lazy_pages = stats.lazy_pages
 
     def _maybe_prepare_lazy_early(self, name: str) -> None:
         """Images come sorted after inventory and pstree: once a file that sorts after every

@@ -22,8 +22,8 @@ Downtime is given three ways:
     every gap above 5 ms to a file. The stall of a run is the longest gap inside the wall-clock
     window of ``phaul migrate``; it is frozen and resumed with memwriter (same tree).
 Bytes: ``wire`` is what a's eth0 carried in both directions during the migration (interface
-counters: payload plus TCP/IP/Ethernet headers), ``phaul`` is the report's ``bytes_on_wire`` +
-pre-copy ``page_bytes`` (the pre-copy page stream is counted only in ``page_bytes``).
+counters: payload plus TCP/IP/Ethernet headers), ``phaul`` is the report's ``bytes_on_wire``
+(control, CRIU page stream and pre-copy page stream).
 
 Scenarios (--quick divides the sizes by 4, keeps the rates):
   dirty512       M = 512 MiB, D = 10 MiB/s   (the targets below are stated for this one)
@@ -183,9 +183,7 @@ class Run:
 
     @property
     def phaul_bytes(self) -> int:
-        r = self.report
-        extra = r.get("page_bytes", 0) if r.get("precopy") else 0
-        return int(r.get("bytes_on_wire", 0)) + int(extra)
+        return int(self.report.get("bytes_on_wire", 0))
 
 
 # --- helpers ---------------------------------------------------------------------------------

@@ -259,10 +259,13 @@ class SourceMigration:
         cfg = self.cfg
         sender = PageSender(sock, codec=cfg.compress)
         gib = anon / (1 << 30)
-        # Freeze costs that do not shrink with pre-copy: CRIU freezing and dumping the tree's
-        # state (~150 ms for a small tree), pinning every page in the lazy dump (~100 ms/GiB)
-        # and the eager restore of all memory on the target (~300 ms/GiB).
-        fixed_ms = 150.0 + 400.0 * gib
+        # Freeze costs that do not shrink with pre-copy, as measured here (docs/measurements.md):
+        # CRIU freezing and dumping the tree's state and the hand-off (~150 ms for a small
+        # tree), CRIU pinning every page in the lazy dump (~150 ms/GiB), then either the eager
+        # restore of all memory on the target (~600 ms/GiB on this VM: first-touch faults) or,
+        # for a lazy restore, splitting the images and starting the tree (~100 ms).
+        lazy = self.report.restore == "lazy"
+        fixed_ms = 250.0 + 150.0 * gib if lazy else 150.0 + 750.0 * gib
         procs = tree_vpids(root.pid, root.pids)
         pre = Precopy(
             procs,

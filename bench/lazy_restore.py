@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo, for tests/
+
 from phaul.engine.criu_locate import find_criu
 from phaul.engine.criu_swrk import RestoreOptions, Swrk
 from phaul.engine.lazy_restore import DaemonOptions, LazyPagesDaemon, restore_lazily

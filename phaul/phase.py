@@ -25,10 +25,12 @@ class Phase(enum.Enum):
     DUMP = "dump"
     # The target restores the tree from the images and holds it at CRIU's pre-resume point: it has
     # not executed a single instruction. Addresses are on the target. Rollback kills the restored
-    # tree (it never ran) and resumes the source.
+    # tree (it never ran) and resumes the source. With a lazy restore the target resumes the tree
+    # on the source's "commit" but stays in this phase until its lazy-pages daemon has filled
+    # all memory: a daemon failure still rolls back (the source is still frozen).
     RESTORE = "restore"
-    # The source has said "commit": the target resumes the tree. From here the target copy is the
-    # one; the source is killed once the target confirms.
+    # The source has said "commit" and the tree runs on the target with all its memory. From
+    # here the target copy is the one; the source is killed once the target confirms.
     COMMIT = "commit"
     # Terminal: the tree runs on the target, the source is gone, leftovers are cleaned.
     DONE = "done"

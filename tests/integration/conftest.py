@@ -33,7 +33,7 @@ def _integration_requirements() -> None:
         pytest.fail(f"{CRIU} --version failed: {err}", pytrace=False)
     if "Version: 4." not in out or "Version: 4.0" in out or "Version: 4.1" in out:
         pytest.fail(f"CRIU >= 4.2 needed, {CRIU} says: {out.strip()}", pytrace=False)
-    for tool in ("ip", "nsenter", "unshare", "tini", "nft", "tc"):
+    for tool in ("ip", "nsenter", "unshare", "tini", "nft", "tc", "gcc", "redis-server"):
         if shutil.which(tool) is None:
             pytest.fail(f"integration tests need `{tool}` on PATH", pytrace=False)
 

@@ -33,12 +33,11 @@ from phaul.engine.lazy_dump import (
     spawn_lazy_swrk,
     wait_status_byte,
 )
-from phaul.engine.maps import Range, intersect_ranges, read_maps, subtract_ranges
-from phaul.engine.pagemap import present_ranges
+from phaul.engine.maps import Range, intersect_ranges, subtract_ranges
 from phaul.engine.proctree import ProcessRef, read_stat, tree
 from phaul.engine.vmread import VmReader
 from phaul.page_server.final_rewrite import RewriteStats, rewrite_final
-from phaul.page_server.store import FlatPageImage
+from tests.integration.flat_parent import build_flat_parent
 from tests.workloads.memwriter import PAGE, Memwriter, build
 
 pytestmark = pytest.mark.integration
@@ -119,24 +118,8 @@ def _workload(tmp_path: Path) -> Iterator[Workload]:
 
 
 def _build_parent(w: Workload, pre: Path) -> dict[int, list[Range]]:
-    """Our own pre-copy stand-in: every present page of the private anonymous mappings of each
-    task into a FlatPageImage; returns what each vpid's parent image covers."""
-    pre.mkdir()
-    covered: dict[int, list[Range]] = {}
-    for vpid, pid in w.vpid_map().items():
-        maps = [m for m in read_maps(pid) if m.private and m.readable and m.anonymous]
-        ranges = present_ranges(pid, maps)
-        img = FlatPageImage(pre, vpid, pages_id=vpid)
-        reader = VmReader(pid, 8 << 20)
-        try:
-            for addr, view in reader.read((s, e - s) for s, e in ranges):
-                img.write(addr, view)
-            img.commit()
-        finally:
-            img.close()
-        assert not reader.gone and not reader.unreadable
-        covered[vpid] = ranges
-    return covered
+    """The pre-copy stand-in for this workload (tests/integration/flat_parent.py)."""
+    return build_flat_parent(w.vpid_map(), pre)
 
 
 @dataclass

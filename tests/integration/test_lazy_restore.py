@@ -27,8 +27,7 @@ from phaul.engine.lazy_restore import (
     LazyPagesDaemon,
     restore_lazily,
 )
-from phaul.engine.maps import Range, intersect_ranges, read_maps, subtract_ranges
-from phaul.engine.pagemap import present_ranges
+from phaul.engine.maps import Range, intersect_ranges, subtract_ranges
 from phaul.engine.proctree import read_stat
 from phaul.engine.vmread import VmReader
 from phaul.page_server.criu_image import (
@@ -41,8 +40,8 @@ from phaul.page_server.criu_image import (
 )
 from phaul.page_server.final_rewrite import PARENT_LINK, rewrite_final
 from phaul.page_server.lazy_split import SplitStats, build_daemon_dir
-from phaul.page_server.store import FlatPageImage
 from phaul.pb import criu_rpc_pb2 as rpc
+from tests.integration.flat_parent import build_flat_parent
 from tests.workloads.memwriter import PAGE, Memwriter, build
 
 pytestmark = pytest.mark.integration
@@ -126,24 +125,8 @@ def workload(tmp_path: Path, mib: int = MIB, extra: tuple[str, ...] = ()) -> Ite
 
 
 def build_parent(w: Workload, pre: Path) -> dict[int, list[Range]]:
-    """The pre-copy stand-in: every present page of the private anonymous mappings of each task
-    into one FlatPageImage per vpid; returns what each vpid's image covers."""
-    pre.mkdir()
-    covered: dict[int, list[Range]] = {}
-    for vpid, pid in w.vpid_map().items():
-        maps = [m for m in read_maps(pid) if m.private and m.readable and m.anonymous]
-        ranges = present_ranges(pid, maps)
-        img = FlatPageImage(pre, vpid, pages_id=vpid)
-        reader = VmReader(pid, 16 << 20)
-        try:
-            for addr, view in reader.read((s, e - s) for s, e in ranges):
-                img.write(addr, view)
-            img.commit()
-        finally:
-            img.close()
-        assert not reader.gone and not reader.unreadable
-        covered[vpid] = ranges
-    return covered
+    """The pre-copy stand-in for this workload (tests/integration/flat_parent.py)."""
+    return build_flat_parent(w.vpid_map(), pre)
 
 
 def clean_ranges(w: Workload, covered: dict[int, list[Range]], dirty: list[int]) -> dict:

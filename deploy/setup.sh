@@ -25,6 +25,8 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 deploy/install-criu.sh /opt/phaul/criu
+# phaul keeps CRIU's kernel-probe cache where /run is not a tmpfs; it must not outlive a boot.
+install -D -m 0644 deploy/phaul-tmpfiles.conf /etc/tmpfiles.d/phaul.conf
 
 if [ ! -x .venv/bin/python ]; then
   log "creating .venv"

@@ -44,6 +44,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Literal
 
+from phaul import trace
 from phaul.engine import nsutil
 from phaul.engine.criu_locate import RLIMIT_NOISE, CriuBinary
 from phaul.errors import CriuError, ProcessGone
@@ -251,6 +252,11 @@ class Swrk:
         (e.g. ``--address 127.0.0.1``, which RPC cannot set for a lazy dump's page server);
         not with ``fresh_pidns``. Raises CriuError when the worker does not come up.
         """
+        from phaul.engine import criu_kdat
+
+        # Without it, CRIU probes the kernel for 50-65 ms at every request (in a restore:
+        # inside the freeze) on hosts where /run is not a tmpfs.
+        criu_kdat.prime(criu)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ctl_ours: socket.socket | None = None
         ctl_theirs: socket.socket | None = None
@@ -671,6 +677,7 @@ class Swrk:
             if resp.type != rpc.NOTIFY:
                 break
             name = resp.notify.script
+            trace.event(f"criu {what} notify {name}")
             log.debug(
                 "CRIU %s: notify %s (%.0f ms)", what, name, (time.monotonic() - started) * 1000
             )

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from phaul import trace
 from phaul.engine.criu_locate import RLIMIT_NOISE, CriuBinary
 from phaul.engine.criu_swrk import (
     NotifyCallback,
@@ -145,6 +146,9 @@ class LazyPagesDaemon:
         """
         if restore_dir is not None:
             check_split(restore_dir, opts.daemon_dir)
+        from phaul.engine import criu_kdat
+
+        criu_kdat.prime(criu)
         work = Path(opts.work_dir)
         work.mkdir(parents=True, exist_ok=True)
         for name in ("inventory.img", "pstree.img"):
@@ -164,6 +168,7 @@ class LazyPagesDaemon:
             "--status-fd",
             str(wfd),
         ]
+        trace.event("daemon popen")
         try:
             with open(work / (opts.log_file + ".out"), "wb") as out:
                 proc = subprocess.Popen(
@@ -180,6 +185,7 @@ class LazyPagesDaemon:
             os.close(wfd)
             raise LazyDaemonError(f"cannot start {criu.path} lazy-pages: {err}") from err
         os.close(wfd)
+        trace.event("daemon popened")
         self = cls(opts, proc)
         try:
             ready, _, _ = select.select([rfd], [], [], opts.ready_timeout)
@@ -195,6 +201,7 @@ class LazyPagesDaemon:
             raise
         finally:
             os.close(rfd)
+        trace.event("daemon ready")
         log.info(
             "lazy-pages daemon %d listening in %s (images %s)", proc.pid, work, opts.daemon_dir
         )

@@ -307,6 +307,9 @@ def one_run(
     if report_path.exists():
         shutil.copy(report_path, out_dir / f"{tag}.report.json")
         run.report = json.loads(report_path.read_text())
+    for name, path in run.report.get("logs", {}).items():
+        if Path(path).exists():
+            shutil.copy(path, out_dir / f"{tag}.{name}.log")
     try:
         if res.returncode != 0:
             run.error = (

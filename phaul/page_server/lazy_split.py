@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -233,12 +234,17 @@ def reflag(parent: Sequence[PagemapEntry], lazy: Sequence[Range]) -> list[Pagema
     return out
 
 
-def _relink(src: Path, dst: Path) -> None:
-    """Hard-link ``src`` as ``dst`` (replacing it)."""
+def relink(src: Path, dst: Path) -> None:
+    """Hard-link ``src`` as ``dst``, replacing it atomically: ``dst`` is never missing on the
+    way and concurrent callers (the agent links inventory and pstree to start the daemon early,
+    while the split links them too) cannot collide."""
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        dst.unlink(missing_ok=True)
-        os.link(src, dst)
+        tmp.unlink(missing_ok=True)
+        os.link(src, tmp)
+        tmp.replace(dst)
     except FileNotFoundError as err:
+        tmp.unlink(missing_ok=True)
         raise SplitError(f"cannot link {src} into the daemon dir: {src} is missing") from err
     except OSError as err:
         hint = " (the daemon dir must be on the same file system)" if err.errno == 18 else ""
@@ -291,10 +297,10 @@ def build_daemon_dir(restore_dir: Path, parent_dir: Path, daemon_dir: Path) -> S
     next_empty = max([EMPTY_PAGES_ID_BASE - 1, *used_ids]) + 1
 
     for name in (INVENTORY, PSTREE):
-        _relink(restore_dir / name, daemon_dir / name)
+        relink(restore_dir / name, daemon_dir / name)
     out: list[ProcessSplit] = []
     for vpid, lazy, parent in plans:
-        _relink(restore_dir / f"mm-{vpid}.img", daemon_dir / f"mm-{vpid}.img")
+        relink(restore_dir / f"mm-{vpid}.img", daemon_dir / f"mm-{vpid}.img")
         if parent is None:
             pages_id = next_empty
             next_empty += 1
@@ -314,7 +320,7 @@ def build_daemon_dir(restore_dir: Path, parent_dir: Path, daemon_dir: Path) -> S
                     f"parent pages file {src} has {size} bytes, its pagemap needs "
                     f"{parent.present_pages * PAGE_SIZE}"
                 )
-            _relink(src, daemon_dir / pages_name(pages_id))
+            relink(src, daemon_dir / pages_name(pages_id))
             entries = reflag(parent.entries, lazy)
         try:
             write_pagemap(daemon_dir / pagemap_name(vpid), pages_id, entries)

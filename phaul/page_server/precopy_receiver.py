@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from phaul import trace
 from phaul.errors import PhaulError, ProtocolError
 from phaul.page_server.criu_image import (
     PE_PRESENT,
@@ -154,7 +155,9 @@ class PrecopyReceiver:
                     totals[2] += h.nr_pages
                     log.debug("vpid %d: range %#x-%#x vanished", h.vpid, h.vaddr, h.end)
                 elif h.kind is Kind.PASS_END:
+                    trace.event("tgt recv pass_end")
                     self._commit_all()
+                    trace.event("tgt recv pass committed")
                     ack = Ack(
                         pass_no=h.aux,
                         pages=self._pass_pages,
@@ -174,9 +177,12 @@ class PrecopyReceiver:
                     self._reset_pass()
                 else:  # ACK goes target -> source only
                     raise ProtocolError(f"page stream: unexpected {h.kind.name} frame")
+            trace.event("tgt recv EOF")
             self._commit_all()
+            trace.event("tgt recv committed")
         finally:
             self._close_all()
+            trace.event("tgt recv closed")
         seconds = time.monotonic() - self._first_byte if self._first_byte else 0.0
         stats = ReceiveStats(
             pages=totals[0],

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import ipaddress
 import json
@@ -26,12 +27,14 @@ import os
 import shutil
 import socket
 import sys
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from phaul import trace
 from phaul.engine import proctree
 from phaul.engine.criu_locate import CriuBinary, find_criu
 from phaul.errors import (
@@ -144,6 +147,9 @@ class SourceMigration:
         self.relay: PageRelay | None = None
         self.bridge: Bridge | None = None
         self.precopy: Any = None
+        self.page_sender: Any = None  # the pre-copy stream, open until the final pass is sent
+        self.page_sock: socket.socket | None = None
+        self.final_pass: concurrent.futures.Future[Any] | None = None
 
     def _phase(self, to: Phase) -> None:
         self.machine.advance(to)
@@ -231,12 +237,13 @@ class SourceMigration:
             check_fd_budget(root.pids)  # before anything is frozen
             self._phase(Phase.PRECOPY)
             sock = await self._page_connection(prep.page_ticket, "precopy")
+            self.page_sock = sock
             try:
                 await self._precopy(root, sock, anon)
+                self._phase(Phase.DUMP)
+                await self._dump(root, lazy=True)
             finally:
-                sock.close()
-            self._phase(Phase.DUMP)
-            await self._dump(root, lazy=True)
+                await self._close_page_stream()
         else:
             self._phase(Phase.DUMP)
             sock = await self._page_connection(prep.page_ticket, "criu")
@@ -275,15 +282,11 @@ class SourceMigration:
             emit=self.emit,
         )
         self.precopy = pre
+        self.page_sender = sender
         await asyncio.to_thread(pre.start)
         self.report.tracker = pre.tracker_name
-        try:
-            result = await asyncio.to_thread(pre.run)
-        finally:
-            sender.close()
-        # End of the stream: the target commits its flat images and answers nothing more.
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_WR)
+        # The stream stays open: the final pass runs on it while CRIU dumps the frozen tree.
+        result = await asyncio.to_thread(pre.run)
         self.report.passes = [asdict(p) for p in result.passes]
         self.report.precopy_reason = result.reason
         self.report.page_bytes += result.bytes_wire
@@ -291,6 +294,22 @@ class SourceMigration:
         self.report.mark("precopy_done")
 
     async def _dump(self, root: DumpRoot, *, lazy: bool) -> None:
+        """The final dump with the garbage collector paused (phaul/gcpause.py) and what the
+        freeze needs imported beforehand (a first import costs milliseconds)."""
+        import gc
+
+        from phaul import gcpause
+        from phaul.engine import vmread  # noqa: F401
+        from phaul.page_server import final_rewrite  # noqa: F401
+
+        gc.collect()
+        gcpause.pause()
+        try:
+            await self._final_dump(root, lazy=lazy)
+        finally:
+            gcpause.resume()
+
+    async def _final_dump(self, root: DumpRoot, *, lazy: bool) -> None:
         """CRIU's final dump; the hand-off happens inside its post-dump notify.
 
         ``lazy`` (after pre-copy): CRIU dumps page maps without page data and keeps the tree
@@ -354,7 +373,10 @@ class SourceMigration:
             if name == "query-ext-files":
                 # CRIU's first notify after the tree is frozen (before its files are collected):
                 # the self-migration service closes the requester's socket here.
+                self.report.mark("frozen")
                 self.emit("frozen")
+                if lazy:
+                    self._start_final_pass()
             return True
 
         def run_dump() -> Any:
@@ -405,6 +427,50 @@ class SourceMigration:
             self.report.criu_dump_stats = dict(getattr(result, "stats", {}) or {})
         await self._after_commit()
 
+    def _start_final_pass(self) -> None:
+        """The tree is frozen: collect its last writes and send them on the pre-copy stream
+        in a thread, while CRIU goes on dumping (~40 ms of its own work plus ~80 ms/GiB of page
+        pinning). By post-dump the target's flat images then hold every tracked page."""
+        if self.final_pass is not None or self.precopy is None:
+            return
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self.final_pass = fut
+
+        def work() -> None:
+            try:
+                trace.event("src final pass start")
+                result = self.precopy.final_pass()
+                self.report.mark("final_pass_done")
+                self._end_page_stream()
+                fut.set_result(result)
+            except BaseException as err:  # noqa: BLE001 - handed to post-dump
+                fut.set_exception(err)
+
+        threading.Thread(target=work, name="phaul-final-pass", daemon=True).start()
+
+    def _end_page_stream(self) -> None:
+        """End of the pre-copy stream: the target commits its flat images (EOF)."""
+        if self.page_sender is not None:
+            self.page_sender.close()
+        if self.page_sock is not None:
+            with contextlib.suppress(OSError):
+                self.page_sock.shutdown(socket.SHUT_WR)
+
+    async def _close_page_stream(self) -> None:
+        sock, self.page_sock = self.page_sock, None
+        if sock is None:
+            return
+        fut = self.final_pass
+        if fut is not None and not fut.done():
+            # A failure before post-dump: unblock the final pass (waiting for an ACK) first.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(Exception):
+                await asyncio.wrap_future(fut)
+        if self.page_sender is not None:
+            self.page_sender.close()
+        sock.close()
+
     def _keep_log(self) -> None:
         src = self.images_dir / "dump.log"
         with contextlib.suppress(OSError):
@@ -418,7 +484,11 @@ class SourceMigration:
         pre = self.precopy
         assert pre is not None
         try:
-            clean = await asyncio.to_thread(pre.final_collect)
+            # Normally started at CRIU's first notify after the freeze; if CRIU did not send
+            # that one, now (the tree is frozen all the same).
+            self._start_final_pass()
+            assert self.final_pass is not None
+            clean, sent = await asyncio.wrap_future(self.final_pass)
             self.report.mark("collected")
             pids = pre.pids_by_vpid()
 
@@ -441,7 +511,7 @@ class SourceMigration:
                 require_parent=False,
                 for_lazy_restore=lazy_restore,
             )
-            self.report.final_pages = int(stats.read_pages)
+            self.report.final_pages = int(stats.read_pages) + int(sent)
             self.report.mark("pages_sent")
         except BaseException as err:
             with contextlib.suppress(Exception):
@@ -612,8 +682,9 @@ class SourceMigration:
         r = self.report
         r.span("connect+preflight", "start", "dump")
         r.span("dump", "freeze", "dumped")
-        r.span("final-collect", "dumped", "collected")
-        r.span("pages", "dumped", "pages_sent")
+        r.span("final-pass", "frozen", "final_pass_done")
+        r.span("final-pass-wait", "dumped", "collected")
+        r.span("rewrite", "collected", "pages_sent")
         r.span("images", "pages_sent", "images_sent")
         r.span("restore", "images_sent", "restored")
         r.span("commit", "restored", "running")

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from phaul import trace
 from phaul.engine import pagemap, proctree
 from phaul.engine.maps import Range, merge_ranges, read_maps
 from phaul.engine.tracker import DirtyTracker, choose_tracker
@@ -228,6 +229,29 @@ class Precopy:
         if os.environ.get("PHAUL_FAULT") == "precopy-drop-last-writes":
             self._drop_last_writes(before)
         return {p.vpid: p.clean() for p in self.procs}
+
+    def final_pass(self) -> tuple[dict[int, list[Range]], int]:
+        """With the tree frozen: the last collect, and what it found sent as one more pass
+        (acknowledged by the target, so its flat images hold every tracked page as it is now).
+        Returns the clean ranges per vpid (everything sent) and the pages sent."""
+        self.final_collect()
+        trace.event("src final collected")
+        pages = wire = 0
+        for p in self.procs:
+            todo = p.present_pending()
+            trace.event("src final present_pending")
+            if todo:
+                stats = self.sender.send_ranges(p.pid, p.vpid, todo)
+                pages += stats.pages
+                wire += stats.bytes_wire
+            p.sent = merge_ranges([*p.sent, *todo])
+            p.pending = []
+        trace.event("src final sent")
+        self.sender.end_pass(len(self.conv.passes))
+        trace.event("src final acked")
+        self.bytes_wire += wire
+        log.info("final pass (frozen): %d pages, %.1f MB", pages, wire / 1e6)
+        return {p.vpid: p.clean() for p in self.procs}, pages
 
     def _drop_last_writes(self, before: dict[int, list[Range]]) -> None:
         """Fault injection for tests: lose what the last collect found in the largest private

@@ -7,6 +7,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from phaul import trace
+
 
 @dataclass
 class Report:
@@ -41,6 +43,7 @@ class Report:
 
     def mark(self, name: str) -> float:
         now = time.monotonic()
+        trace.event("src " + name)
         self._marks[name] = now
         return now
 

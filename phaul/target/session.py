@@ -31,6 +31,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from phaul import gcpause, trace
 from phaul.errors import MigrationAborted, PhaulError, ProtocolError
 from phaul.pb import phaul_pb2 as pb
 from phaul.phase import Phase, PhaseMachine
@@ -96,6 +97,12 @@ class TargetSession:
         self.garp: dict[str, Any] = {}
         self.log = logging.LoggerAdapter(log, {"side": "target"})
         self.journal: Journal | None = None
+        self.gc_paused = False
+
+    def _resume_gc(self) -> None:
+        if self.gc_paused:
+            self.gc_paused = False
+            gcpause.resume()
 
     def _journal(self) -> None:
         """Record the phase (and what recovery must undo) before acting on it."""
@@ -131,7 +138,11 @@ class TargetSession:
             await self.chan.send_error(err, self.phase.value)
         except (ConnectionError, OSError, TimeoutError) as err:
             self._note_failure(err)
+            if not isinstance(err, ConnectionError):
+                # A local failure (file system, timeout): say so rather than just hang up.
+                await self.chan.send_error(PhaulError(f"target: {err}"), self.phase.value)
         finally:
+            self._resume_gc()
             self._cleanup_files()
             for sock in self.garp.values():
                 sock.close()
@@ -260,6 +271,7 @@ class TargetSession:
             else:
                 receiver = CriuPageReceiver(self.images_dir, max_bytes=quota)
             stats = await asyncio.to_thread(receiver.serve, sock)
+            trace.event("tgt page stream served")
             if not self.page_done.done():
                 self.page_done.set_result(stats)
         except BaseException as err:
@@ -279,6 +291,10 @@ class TargetSession:
                 wait = None if self.precopy else STEP_TIMEOUT
                 msg = await self.chan.recv_any(wait)
                 if isinstance(msg, pb.ImageFile):
+                    if not self.gc_paused:
+                        # The source is frozen from now on (phaul/gcpause.py).
+                        gcpause.pause()
+                        self.gc_paused = True
                     self._write_image_chunk(msg, open_files)
                 elif isinstance(msg, pb.ImagesDone):
                     break
@@ -291,7 +307,9 @@ class TargetSession:
                 f.close()
         if open_files:
             raise ProtocolError("image files left incomplete")
+        trace.event("tgt images_done")
         self.page_stats = await asyncio.wait_for(self.page_done, STEP_TIMEOUT)
+        trace.event("tgt pages_done")
         if self.precopy and not self.lazy:
             # The final dump's page maps name the pre-copy images as their parent.
             (self.images_dir / "parent").symlink_to("../precopy")
@@ -304,6 +322,7 @@ class TargetSession:
                 self.daemon = await self.daemon_task
             else:
                 self.daemon = await asyncio.to_thread(self._start_daemon)
+        trace.event("tgt prepared")
         fault("target-exit-after-images")
 
     def _write_image_chunk(self, msg: pb.ImageFile, open_files: dict[str, Any]) -> None:
@@ -339,8 +358,10 @@ class TargetSession:
             raise MigrationAborted(f"source aborted: {req.reason}", phase=self.phase.value)
         if not isinstance(req, pb.Restore):
             raise ProtocolError(f"expected Restore, peer sent {req.DESCRIPTOR.name}")
+        trace.event("tgt restore_req")
         self.machine.advance(Phase.RESTORE)
         self._journal()
+        trace.event("tgt journaled")
         fault("target-fail-restore")
         # The addresses must be here before CRIU restores sockets bound to them.
         for iface, dev in self.addresses:
@@ -362,6 +383,7 @@ class TargetSession:
             if name != "pre-resume":
                 return True
             timings["pre_resume"] = time.monotonic()
+            trace.event("tgt pre_resume")
             if (
                 self.daemon is not None
                 and os.environ.get("PHAUL_FAULT") == "target-kill-lazy-daemon"
@@ -379,7 +401,9 @@ class TargetSession:
 
         opts = RestoreOptions(images_dir=self.images_dir, lazy_pages=self.lazy)
         try:
+            trace.event("tgt criu_restore")
             result = await asyncio.to_thread(self.swrk.restore, opts, on_notify, STEP_TIMEOUT)
+            trace.event("tgt criu_restored")
         except PhaulError:
             if self.phase is Phase.COMMIT:
                 # Committed but CRIU failed while resuming: nothing to roll back to any more.
@@ -388,6 +412,7 @@ class TargetSession:
         if self.phase is not Phase.COMMIT and not self.resumed:
             raise MigrationAborted("restore finished without a commit", phase=self.phase.value)
         self.root_pid = result.pid
+        self._resume_gc()  # the tree runs
         self.agent.adopt(result.child_pid)
         resume_ms = int((time.monotonic() - timings.get("commit", t0)) * 1000)
         fill_ms = 0
@@ -437,6 +462,7 @@ class TargetSession:
             await asyncio.to_thread(self._withdraw_all)
             return False
         timings["commit"] = time.monotonic()
+        trace.event("tgt commit")
         if self.lazy:
             # The tree runs before its memory is in: the migration commits only when the
             # lazy-pages daemon has finished; until then a failure still rolls back.
@@ -458,8 +484,10 @@ class TargetSession:
         assert self.images_dir is not None and self.precopy_dir and self.workdir
         # The source wrote our images as the restore dir R already (rewrite_final
         # for_lazy_restore): clean pages PE_LAZY without data, dirty ones PE_PRESENT.
+        trace.event("tgt split_start")
         stats = build_daemon_dir(self.images_dir, self.precopy_dir, self.workdir / "daemon")
         self.lazy_pages = stats.lazy_pages
+        trace.event("tgt split_done")
 
     def _maybe_prepare_lazy_early(self, name: str) -> None:
         """Images come sorted after inventory and pstree: once a file that sorts after every
@@ -472,7 +500,15 @@ class TargetSession:
         ):
             return
         if name > "pagemap-\x7f":
-            self.prepare_task = asyncio.ensure_future(asyncio.to_thread(self._prepare_lazy))
+            self.prepare_task = asyncio.ensure_future(self._prepare_lazy_after_pages())
+
+    async def _prepare_lazy_after_pages(self) -> None:
+        """The split reads the flat pre-copy images: only once their stream has ended (the
+        source's final pass runs during its dump and ends the stream before the images come,
+        so this rarely waits)."""
+        assert self.page_done is not None
+        await asyncio.wait_for(asyncio.shield(self.page_done), STEP_TIMEOUT)
+        await asyncio.to_thread(self._prepare_lazy)
 
     def _maybe_prestart_daemon(self) -> None:
         """The daemon reads only inventory.img and pstree.img at start (the rest when the
@@ -485,14 +521,15 @@ class TargetSession:
 
     def _start_daemon(self) -> Any:
         from phaul.engine.lazy_restore import DaemonOptions, LazyPagesDaemon
+        from phaul.page_server.lazy_split import relink
 
+        trace.event("tgt daemon thread")
         assert self.images_dir is not None and self.workdir is not None
         daemon_dir = self.workdir / "daemon"
         daemon_dir.mkdir(exist_ok=True)
         for name in ("inventory.img", "pstree.img"):
-            target = daemon_dir / name
-            if not target.exists():
-                os.link(self.images_dir / name, target)
+            relink(self.images_dir / name, daemon_dir / name)
+        trace.event("tgt daemon_start")
         return LazyPagesDaemon.start(
             self.agent.criu, DaemonOptions(daemon_dir=daemon_dir, work_dir=self.images_dir)
         )

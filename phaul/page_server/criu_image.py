@@ -302,3 +302,27 @@ class PagemapWriter:
     def close(self) -> None:
         """Flush and close the image file (idempotent)."""
         self._file.close()
+
+
+#: CRIU's ``network_lock_method`` values (criu/include/cr_options.h, inventory field 11)
+NETWORK_LOCK_METHODS = {"iptables": 0, "nftables": 1, "skip": 2}
+_INVENTORY_LOCK_TAG = bytes([11 << 3])  # field 11, varint
+
+
+def set_network_lock(path: Path, method: str) -> None:
+    """Set ``inventory_entry.network_lock_method`` in the inventory image ``path``.
+
+    CRIU's restore takes the lock method from the dump's inventory, not from its options. The
+    field is appended to the entry: for a non-repeated scalar, protobuf parsers (CRIU's
+    protobuf-c included) keep the last occurrence, and every other field stays byte for byte.
+    Written atomically. Raises ProtocolError (not an inventory image), OSError."""
+    data = path.read_bytes()
+    entries = list(iter_entries(data, INVENTORY_MAGIC, what=str(path)))
+    if len(entries) != 1:
+        raise ProtocolError(f"{path}: {len(entries)} inventory entries, expected 1")
+    value = NETWORK_LOCK_METHODS[method]
+    payload = entries[0] + _INVENTORY_LOCK_TAG + _varint(value)
+    out = _U32.pack(INVENTORY_MAGIC) + frame_entry(payload)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(out)
+    tmp.replace(path)

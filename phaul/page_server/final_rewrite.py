@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from phaul import trace
 from phaul.errors import PhaulError, ProtocolError
 from phaul.page_server.criu_image import (
     PAGE_SIZE,
@@ -285,8 +286,27 @@ def _write_process(
     final_dir: Path, plan: _Plan, read_pages: ReadPages, for_lazy_restore: bool = False
 ) -> None:
     pages_path = final_dir / pages_name(plan.pagemap.pages_id)
-    tmp = pages_path.with_name(pages_path.name + ".tmp")
     to_read = [(e.vaddr, e.nr_pages * PAGE_SIZE) for e, kind in plan.out if kind == _READ]
+    if to_read:
+        _write_pages(pages_path, plan, read_pages, to_read)
+    elif not pages_path.exists():
+        pages_path.touch(mode=0o600)  # CRIU opens it even when no page is in it
+    # else: the new pages file would be the kept runs' data in the same order, i.e. the old one
+    # (the common case after a final pass: every lazy page is clean, nothing is read).
+    entries = [e for e, _ in plan.out]
+    if for_lazy_restore:
+        entries = [
+            PagemapEntry(e.vaddr, e.nr_pages, _FOR_LAZY_RESTORE.get(e.flags, e.flags))
+            for e in entries
+        ]
+    if tuple(entries) != tuple(plan.pagemap.entries):
+        write_pagemap(final_dir / pagemap_name(plan.vpid), plan.pagemap.pages_id, entries)
+
+
+def _write_pages(
+    pages_path: Path, plan: _Plan, read_pages: ReadPages, to_read: list[tuple[int, int]]
+) -> None:
+    tmp = pages_path.with_name(pages_path.name + ".tmp")
     src = -1
     if plan.stats.kept_pages:
         src = os.open(pages_path, os.O_RDONLY | os.O_CLOEXEC)
@@ -295,7 +315,7 @@ def _write_process(
             raise RewriteError(f"{pages_path} is shorter than its pagemap")
         dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            cursor = _Cursor(plan.vpid, read_pages(plan.vpid, to_read) if to_read else ())
+            cursor = _Cursor(plan.vpid, read_pages(plan.vpid, to_read))
             src_off = 0
             for e, kind in plan.out:
                 nbytes = e.nr_pages * PAGE_SIZE
@@ -314,13 +334,6 @@ def _write_process(
         if src >= 0:
             os.close(src)
     tmp.replace(pages_path)
-    entries = [e for e, _ in plan.out]
-    if for_lazy_restore:
-        entries = [
-            PagemapEntry(e.vaddr, e.nr_pages, _FOR_LAZY_RESTORE.get(e.flags, e.flags))
-            for e in entries
-        ]
-    write_pagemap(final_dir / pagemap_name(plan.vpid), plan.pagemap.pages_id, entries)
 
 
 def _link_parent(final_dir: Path, parent_link: str) -> None:
@@ -357,6 +370,7 @@ def rewrite_final(
     reader's own errors (ProcessGone, AccessDenied), PhaulError on I/O errors.
     """
     t0 = time.monotonic()
+    trace.event("src rewrite start")
     final_dir = Path(final_dir)
     plans: list[_Plan] = []
     try:
@@ -376,6 +390,7 @@ def rewrite_final(
         plans.append(_plan(vpid, read_pagemap(path), ranges, path))
     if not plans:
         raise RewriteError(f"{final_dir} holds no pagemap-<pid>.img: not a dump")
+    trace.event("src rewrite planned")
 
     if parent_link is not None:
         parent_dir = final_dir / parent_link
@@ -404,6 +419,7 @@ def rewrite_final(
     except OSError as err:
         raise PhaulError(f"rewrite of {final_dir} failed: {err}") from err
     stats = RewriteStats(tuple(p.stats for p in plans), time.monotonic() - t0)
+    trace.event("src rewrite done")
     log.info(
         "final dump %s rewritten in %.1f ms: %d lazy pages, %d to parent, %d read, %d kept",
         final_dir,

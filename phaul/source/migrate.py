@@ -635,9 +635,9 @@ class SourceMigration:
         assert self.chan is not None
         files = 0
         total = 0
-        # inventory and pstree first: a lazy restore's daemon can start on them alone.
-        first = ("inventory.img", "pstree.img")
-        paths = sorted(self.images_dir.iterdir(), key=lambda p: (p.name not in first, p.name))
+        # inventory and pstree first: a lazy restore's daemon can start on them alone; then
+        # the mm and page maps: the target splits them while the rest arrives.
+        paths = sorted(self.images_dir.iterdir(), key=lambda p: (image_rank(p.name), p.name))
         for path in paths:
             if path.suffix == ".log" or not path.is_file():
                 continue
@@ -699,6 +699,15 @@ class SourceMigration:
 
     def _target_log(self, msg: pb.Log) -> None:
         log.info("target: %s", msg.text)
+
+
+def image_rank(name: str) -> int:
+    """The order images are sent in (the target relies on it, session._maybe_split_early)."""
+    if name in ("inventory.img", "pstree.img"):
+        return 0
+    if name.startswith(("mm-", "pagemap-")):
+        return 1
+    return 2
 
 
 def _parse_ips(values: list[str]) -> tuple[ipaddress.IPv4Interface, ...]:

@@ -19,12 +19,12 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from phaul import trace
 from phaul.engine import pagemap, proctree
-from phaul.engine.maps import Range, merge_ranges, read_maps
+from phaul.engine.maps import Mapping, Range, merge_ranges, read_maps
 from phaul.engine.tracker import DirtyTracker, choose_tracker
 from phaul.errors import MigrationAborted, ProcessGone
 from phaul.source.convergence import Convergence, Decision, PassRecord
@@ -71,6 +71,22 @@ def intersect(ranges: list[Range], other: list[Range]) -> list[Range]:
     return out
 
 
+def clip_maps(maps: list[Mapping], ranges: list[Range]) -> list[Mapping]:
+    """The parts of ``maps`` inside ``ranges`` (sorted, disjoint), as mappings."""
+    out: list[Mapping] = []
+    maps = sorted(maps, key=lambda m: m.start)
+    i = 0
+    for start, end in ranges:
+        while i < len(maps) and maps[i].end <= start:
+            i += 1
+        j = i
+        while j < len(maps) and maps[j].start < end:
+            m = maps[j]
+            out.append(replace(m, start=max(m.start, start), end=min(m.end, end)))
+            j += 1
+    return out
+
+
 def size(ranges: list[Range]) -> int:
     return sum(e - s for s, e in ranges)
 
@@ -104,7 +120,9 @@ class TrackedProcess:
         if not self.pending:
             return []
         try:
-            maps = read_maps(self.pid)
+            # Only where pages are pending: scanning all of a large tree's memory costs
+            # milliseconds, and the final pass runs while the tree is frozen.
+            maps = clip_maps(read_maps(self.pid), self.pending)
             present = pagemap.present_ranges(self.pid, maps)
         except ProcessGone:
             self.gone = True

@@ -46,6 +46,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def _peer_elsewhere(peer: object, local: list[ipaddress.IPv4Interface]) -> bool:
+    """True when the connection comes from another network namespace for sure (an address
+    that is not loopback and not one of ours); unknown peers (stdio over SSH) count as here."""
+    if not isinstance(peer, tuple) or not peer:
+        return False
+    try:
+        ip = ipaddress.ip_address(peer[0])
+    except ValueError:
+        return False
+    return not ip.is_loopback and all(ip != a.ip for a in local)
+
+
 def fault(name: str) -> None:
     """Named fault-injection point (PHAUL_FAULT=name), as CRIU's CRIU_FAULT: for rollback tests.
 
@@ -98,6 +110,7 @@ class TargetSession:
         self.log = logging.LoggerAdapter(log, {"side": "target"})
         self.journal: Journal | None = None
         self.gc_paused = False
+        self.source_elsewhere = False  # the source is in another network namespace
 
     def _resume_gc(self) -> None:
         if self.gc_paused:
@@ -180,6 +193,7 @@ class TargetSession:
         from phaul.engine import netaddr
 
         local = await asyncio.to_thread(netaddr.local_addresses)
+        self.source_elsewhere = _peer_elsewhere(self.chan.writer.get_extra_info("peername"), local)
         for addr in req.addresses:
             try:
                 iface = ipaddress.IPv4Interface(addr.cidr)
@@ -351,6 +365,7 @@ class TargetSession:
     async def _restore_and_commit(self, undo: AsyncExitStack) -> None:
         from phaul.engine import netaddr
         from phaul.engine.criu_swrk import RestoreOptions
+        from phaul.page_server.criu_image import set_network_lock
 
         assert self.images_dir is not None
         req = await self.chan.recv_any(STEP_TIMEOUT)
@@ -399,6 +414,8 @@ class TargetSession:
             decided.set()
             return ok
 
+        if self._restore_lock() == "skip":
+            set_network_lock(self.images_dir / "inventory.img", "skip")
         opts = RestoreOptions(images_dir=self.images_dir, lazy_pages=self.lazy)
         try:
             trace.event("tgt criu_restore")
@@ -441,6 +458,19 @@ class TargetSession:
             result.pid,
             (time.monotonic() - t0) * 1000,
         )
+
+    def _restore_lock(self) -> str:
+        """CRIU's network lock on restore. For a tree in the host's network namespace CRIU
+        locks nothing on restore, but at the end deletes the nftables table the DUMP created
+        (named after the dump's run id): here, on another host, that table does not exist and
+        the attempt costs ~15 ms of libnftables inside the freeze. ``skip`` leaves that out
+        (CRIU reads the method from the dump's inventory, so it is set there);
+        a tree with its own network namespace (``netns-*.img``), or a source in this very
+        namespace (the table is here and must go at resume), keeps ``nftables``."""
+        assert self.images_dir is not None
+        if self.source_elsewhere and not any(self.images_dir.glob("netns-*.img")):
+            return "skip"
+        return "nftables"
 
     async def _at_pre_resume(self, timings: dict[str, float]) -> bool:
         """The tree is restored and has not run: ask the source, then resume or not."""
@@ -490,16 +520,12 @@ class TargetSession:
         trace.event("tgt split_done")
 
     def _maybe_prepare_lazy_early(self, name: str) -> None:
-        """Images come sorted after inventory and pstree: once a file that sorts after every
-        ``pagemap-*`` starts (the dirty pages, ``pages-*``, usually the largest), all page maps
-        and mm images are here; split them while the rest still arrives."""
-        if (
-            not self.lazy
-            or self.prepare_task is not None
-            or name in ("inventory.img", "pstree.img")
-        ):
+        """The source sends inventory and pstree, then every ``mm-*`` and ``pagemap-*``, then
+        the rest (source.migrate.image_rank): once another file starts, all page maps are
+        here; split them while the rest still arrives."""
+        if not self.lazy or self.prepare_task is not None:
             return
-        if name > "pagemap-\x7f":
+        if name not in ("inventory.img", "pstree.img") and not name.startswith(("mm-", "pagemap-")):
             self.prepare_task = asyncio.ensure_future(self._prepare_lazy_after_pages())
 
     async def _prepare_lazy_after_pages(self) -> None:

@@ -27,6 +27,13 @@ fi
 deploy/install-criu.sh /opt/phaul/criu
 # phaul keeps CRIU's kernel-probe cache where /run is not a tmpfs; it must not outlive a boot.
 install -D -m 0644 deploy/phaul-tmpfiles.conf /etc/tmpfiles.d/phaul.conf
+# The final dump's private kdat redirect (phaul/engine/tracked_dump.py).
+SHIM=/opt/phaul/lib/phaul-kdat-shim.so
+if [ ! -f "$SHIM" ] || [ deploy/phaul-kdat-shim.c -nt "$SHIM" ]; then
+  log "building $SHIM"
+  mkdir -p /opt/phaul/lib
+  gcc -O2 -Wall -shared -fPIC -o "$SHIM.tmp" deploy/phaul-kdat-shim.c -ldl && mv "$SHIM.tmp" "$SHIM"
+fi
 
 if [ ! -x .venv/bin/python ]; then
   log "creating .venv"

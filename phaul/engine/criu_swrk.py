@@ -88,6 +88,10 @@ class DumpOptions:
     status_fd: int | None = None  # open in this process
     ext_unix_sk: bool = False
     file_locks: bool = False
+    #: incremental dump: pages CRIU believes unchanged become PE_PARENT holes against
+    #: ``parent_img`` (relative to images_dir); see phaul/engine/tracked_dump.py
+    track_mem: bool = False
+    parent_img: str | None = None
 
 
 @dataclass(frozen=True)
@@ -243,6 +247,7 @@ class Swrk:
         pass_fds: Sequence[int] = (),
         start_timeout: float = START_TIMEOUT,
         criu_args: Sequence[str] = (),
+        extra_env: dict[str, str] | None = None,
     ) -> Swrk:
         """Start ``criu swrk`` (in network namespace ``netns``, a path such as /run/netns/x;
         in a new pid namespace with ``fresh_pidns``) and check that it answers.
@@ -285,6 +290,8 @@ class Swrk:
             here = str(Path(__file__).resolve().parents[2])
             env = dict(os.environ)
             env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+        if extra_env:
+            env = {**(env or os.environ), **extra_env}
         stderr = tempfile.TemporaryFile(prefix="phaul-swrk-")  # noqa: SIM115 - owned by Swrk
         try:
             proc = subprocess.Popen(
@@ -402,7 +409,10 @@ class Swrk:
                 ext_unix_sk=opts.ext_unix_sk,
                 file_locks=opts.file_locks,
                 lazy_pages=opts.lazy_pages,
+                track_mem=opts.track_mem,
             )
+            if opts.parent_img is not None:
+                o.parent_img = opts.parent_img
             if opts.page_server_fd is not None:
                 o.ps.fd = opts.page_server_fd
             if opts.page_server_port is not None:

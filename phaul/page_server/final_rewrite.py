@@ -158,19 +158,21 @@ def _split_lazy(entry: PagemapEntry, clean: list[Range], i: int) -> tuple[list[P
     return runs, i
 
 
-def _plan(vpid: int, pm: Pagemap, clean: list[Range], path: Path) -> _Plan:
+def _plan(
+    vpid: int, pm: Pagemap, clean: list[Range], path: Path, parent_runs: bool = False
+) -> _Plan:
     out: list[tuple[PagemapEntry, int]] = []
     kept = lazy = parent = read = 0
     i = 0
     for e in pm.entries:
-        if e.flags & PE_PARENT:
+        if e.flags & PE_PARENT and not parent_runs:
             raise RewriteError(
                 f"{path}: already has PE_PARENT runs ({e.vaddr:#x}): not a lazy dump"
             )
         if e.flags & PE_PRESENT:
             out.append((e, _KEEP))
             kept += e.nr_pages
-        elif e.flags == PE_LAZY:
+        elif e.flags == PE_LAZY or (parent_runs and e.flags == PE_PARENT):
             runs, i = _split_lazy(e, clean, i)
             lazy += e.nr_pages
             for r in runs:
@@ -352,6 +354,7 @@ def rewrite_final(
     parent_link: str | None,
     require_parent: bool = True,
     for_lazy_restore: bool = False,
+    parent_runs: bool = False,
 ) -> RewriteStats:
     """Rewrite the lazy final dump in ``final_dir`` into ``PE_PARENT`` + ``PE_PRESENT`` runs.
 
@@ -362,6 +365,8 @@ def rewrite_final(
     create (relative to ``final_dir``, e.g. ``"../pre"``); None keeps an existing one.
     ``for_lazy_restore``: write the split recipe's restore dir instead (clean runs ``PE_LAZY``
     without data, for the target's lazy-pages daemon; dirty runs ``PE_PRESENT``; no parent).
+    ``parent_runs``: the dump is a tracked incremental dump (phaul/engine/tracked_dump.py)
+    whose ``PE_PARENT`` runs point at a synthesized parent: they are rewritten like lazy runs.
 
     Before anything is written, every ``PE_PARENT`` run is checked against the parent's
     pagemap (``require_parent=False`` skips the check when the parent directory does not exist
@@ -382,12 +387,17 @@ def rewrite_final(
         path = final_dir / name
         if m is None:
             other_pagemap = name.startswith("pagemap-") and name.endswith(".img")
-            if other_pagemap and any(e.flags == PE_LAZY for e in read_pagemap(path).entries):
-                raise RewriteError(f"{path} has lazy runs this rewrite does not handle")
+            if other_pagemap and any(
+                e.flags == PE_LAZY or (parent_runs and e.flags & PE_PARENT)
+                for e in read_pagemap(path).entries
+            ):
+                raise RewriteError(
+                    f"{path} has lazy runs (or parent runs) this rewrite does not handle"
+                )
             continue
         vpid = int(m.group(1))
         ranges = _normalise(clean.get(vpid, ()), f"clean[{vpid}]")
-        plans.append(_plan(vpid, read_pagemap(path), ranges, path))
+        plans.append(_plan(vpid, read_pagemap(path), ranges, path, parent_runs))
     if not plans:
         raise RewriteError(f"{final_dir} holds no pagemap-<pid>.img: not a dump")
     trace.event("src rewrite planned")

@@ -79,6 +79,7 @@ class MigrateConfig:
     policy: ConvergencePolicy = field(default_factory=ConvergencePolicy)
     compress: str = "none"
     restore: str = "auto"  # "auto" | "eager" | "lazy"
+    final_dump: str = "auto"  # "auto" (tracked when possible) | "lazy"
     fault: str = field(default_factory=lambda: os.environ.get("PHAUL_FAULT", ""))
 
 
@@ -323,7 +324,20 @@ class SourceMigration:
         from phaul.engine.criu_swrk import DumpOptions, Swrk
 
         loop = asyncio.get_running_loop()
-        if lazy:
+        tracked = await asyncio.to_thread(self._prepare_tracked, root) if lazy else None
+        if tracked is not None:
+            # No page is pinned: CRIU writes PE_PARENT holes, the final pass sends the rest.
+            swrk = await asyncio.to_thread(Swrk.spawn, self.criu, extra_env=tracked.env)
+            opts = DumpOptions(
+                pid=root.pid,
+                images_dir=self.images_dir,
+                tcp_established=True,
+                network_lock="nftables",
+                track_mem=True,
+                parent_img=tracked.parent_img,
+            )
+            post_dump = self._at_post_dump_lazy
+        elif lazy:
             from phaul.engine import lazy_dump
 
             swrk = await asyncio.to_thread(lazy_dump.spawn_lazy_swrk, self.criu)
@@ -380,7 +394,7 @@ class SourceMigration:
             return True
 
         def run_dump() -> Any:
-            if not lazy:
+            if not lazy or tracked is not None:
                 return swrk.dump(opts, on_notify)
             # Ends CRIU's lazy page-server session at status-ready (connect+close), whatever
             # the decision; kills the source itself if CRIU fails after a commit.
@@ -426,6 +440,28 @@ class SourceMigration:
         if not lazy:
             self.report.criu_dump_stats = dict(getattr(result, "stats", {}) or {})
         await self._after_commit()
+
+    def _prepare_tracked(self, root: DumpRoot) -> Any:
+        """The tracked final dump (phaul/engine/tracked_dump.py) if it can be used, else None
+        (the lazy dump is used; the reason is logged)."""
+        from phaul.engine import tracked_dump
+
+        self.report.final_dump = "lazy"
+        if self.cfg.final_dump != "auto" or self.precopy is None:
+            return None
+        pre = self.precopy
+        try:
+            tracked = tracked_dump.prepare(
+                self.criu,
+                self.images_dir.parent,
+                vpids=[p.vpid for p in pre.procs],
+                pids=root.pids,
+            )
+        except tracked_dump.TrackedDumpUnavailable as err:
+            log.info("final dump: lazy (tracked dump unavailable: %s)", err.message)
+            return None
+        self.report.final_dump = "tracked"
+        return tracked
 
     def _start_final_pass(self) -> None:
         """The tree is frozen: collect its last writes and send them on the pre-copy stream
@@ -502,6 +538,9 @@ class SourceMigration:
             # same link; the coverage check is done there (ours is a dangling link, not sent).
             # For a lazy restore the target's daemon serves the clean pages instead.
             lazy_restore = self.report.restore == "lazy"
+            tracked = self.report.final_dump == "tracked"
+            if tracked and lazy_restore:
+                clean = await asyncio.to_thread(self._lazy_ok, clean, pids)
             stats = await asyncio.to_thread(
                 rewrite_final,
                 self.images_dir,
@@ -510,6 +549,7 @@ class SourceMigration:
                 parent_link=None if lazy_restore else "../precopy",
                 require_parent=False,
                 for_lazy_restore=lazy_restore,
+                parent_runs=tracked,
             )
             self.report.final_pages = int(stats.read_pages) + int(sent)
             self.report.mark("pages_sent")
@@ -519,6 +559,25 @@ class SourceMigration:
                 await self.chan.send(pb.Abort(reason=str(err)[:200]))
             raise
         return await self._handoff()
+
+    @staticmethod
+    def _lazy_ok(
+        clean: dict[int, list[tuple[int, int]]], pids: dict[int, int]
+    ) -> dict[int, list[tuple[int, int]]]:
+        """A tracked dump does not say which pages CRIU could leave lazy: only clean pages in
+        private anonymous memory, not under a thread's stack pointer (read now, frozen)."""
+        from phaul.engine.tracked_dump import lazy_ok_ranges
+        from phaul.source.precopy import intersect
+
+        out: dict[int, list[tuple[int, int]]] = {}
+        for vpid, ranges in clean.items():
+            pid = pids.get(vpid)
+            try:
+                ok = lazy_ok_ranges(pid) if pid is not None else []
+            except OSError:
+                ok = []
+            out[vpid] = intersect(list(ranges), ok)
+        return out
 
     def _host_pid(self, vpid: int) -> int:
         pre = self.precopy
@@ -819,6 +878,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         ),
         compress=args.compress,
         restore=args.restore,
+        final_dump=args.final_dump,
     )
 
     progress = Progress(json_lines=args.json)

@@ -36,6 +36,7 @@ class Report:
     predicted_downtime_ms: float = 0.0
     final_pages: int = 0  # pages read from the frozen tree by the final dump
     restore: str = "eager"  # "eager" | "lazy"
+    final_dump: str = ""  # after pre-copy: "tracked" | "lazy"
     lazy_pages: int = 0  # pages left to the target's lazy-pages daemon
     fill_ms: float = 0.0  # lazy restore: tree running -> all memory in (source frozen till then)
     _t0: float = field(default_factory=time.monotonic, repr=False)
@@ -92,7 +93,8 @@ class Report:
             lines.append(f"  moved:    {', '.join(self.addresses)}")
         if self.passes:
             lines.append(
-                f"  pre-copy: {len(self.passes)} passes ({self.tracker}); {self.precopy_reason}"
+                f"  pre-copy: {len(self.passes)} passes ({self.tracker}); {self.precopy_reason}; "
+                f"final dump {self.final_dump or 'lazy'}"
             )
             lines.append("    pass    pages      MB      s   dirty MB/s  goodput MB/s  predicted")
             for p in self.passes:

@@ -305,6 +305,8 @@ class TargetSession:
                 wait = None if self.precopy else STEP_TIMEOUT
                 msg = await self.chan.recv_any(wait)
                 if isinstance(msg, pb.ImageFile):
+                    if msg.name in ("inventory.img", "pstree.img"):
+                        trace.event(f"tgt image {msg.name}")
                     if not self.gc_paused:
                         # The source is frozen from now on (phaul/gcpause.py).
                         gcpause.pause()

@@ -5,9 +5,13 @@ instead of probing the kernel again."""
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
+
+import pytest
 
 from phaul.engine import criu_kdat
 from phaul.engine.criu_locate import find_criu
@@ -54,3 +58,41 @@ def test_criu_loads_the_primed_cache(tmp_path: Path) -> None:
         [criu.path, "check", "-v4", "-o", str(log)], capture_output=True, timeout=60, check=False
     )
     assert "Loaded kdat cache" in log.read_text()
+
+
+def test_the_tracked_dump_takes_a_private_copy_and_criu_believes_it(tmp_path: Path) -> None:
+    """The real cache has the layout tracked_dump checks; under the shim CRIU reports dirty
+    tracking, without it (the host's cache) it still does not: nothing global changed."""
+    from phaul.engine import tracked_dump as td
+
+    criu = find_criu()
+    real = td._real_cache(criu)
+    fake = tmp_path / "criu.kdat"
+    fake.write_bytes(td.fake_kdat(real))
+    env = {"LD_PRELOAD": str(td.SHIM), "PHAUL_KDAT": str(fake)}
+    td._verified.pop(criu.path, None)
+    td._verify(criu, env)  # raises when CRIU does not take it
+    plain = subprocess.run(
+        [criu.path, "check", "--feature", "mem_dirty_track"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert plain.returncode != 0, plain.stdout  # this kernel has no soft-dirty
+    assert td._real_cache(criu) == real
+
+
+def test_trees_with_shared_anonymous_memory_keep_the_lazy_dump() -> None:
+    from phaul.engine import tracked_dump as td
+
+    code = (
+        "import mmap, time; m = mmap.mmap(-1, 1 << 20); m[0] = 1; print(1, flush=True); "
+        "time.sleep(60)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline()
+        with pytest.raises(td.TrackedDumpUnavailable, match="shared anonymous"):
+            td.check_tree([proc.pid])
+        td.check_tree([os.getpid()])  # ours has none: accepted
+    finally:
+        proc.kill()
+        proc.wait()

@@ -92,19 +92,23 @@ def test_lost_writes_are_caught(lab: Lab) -> None:
     assert out.startswith("bad "), out + res.stderr[-4000:]
 
 
-def test_lazy_restore_memory_exact(lab: Lab) -> None:
+@pytest.mark.parametrize("final_dump", ["auto", "lazy"])
+def test_lazy_restore_memory_exact(lab: Lab, final_dump: str) -> None:
     """The tree resumes on the target before its memory is in; once the lazy-pages daemon is
-    done (Committed), every page is exact."""
+    done (Committed), every page is exact. With the tracked final dump (auto: CRIU pins
+    nothing) and with CRIU's lazy dump."""
     a, b = lab.host("a"), lab.host("b")
     root, work = start_writer(lab, a, "-m", "64", "-d", "8", "-t", "2")
     agent = start_agent(lab, b, make_token(lab))
     report_path = lab.tmpfile("report", ".json")
     res = migrate(
-        lab, a, root, agent, "--precopy", "on", "--restore", "lazy", "--report", str(report_path)
-    )
+        lab, a, root, agent, "--precopy", "on", "--restore", "lazy", "--final-dump", final_dump,
+        "--report", str(report_path),
+    )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads(report_path.read_text())
     assert report["restore"] == "lazy" and report["lazy_pages"] > 10000, report
+    assert report["final_dump"] == ("tracked" if final_dump == "auto" else "lazy"), report
     pid = writer_on(b, work)
     assert verify(pid, work).startswith("ok pages=16384 bad=0")
     # Nothing left on the target but logs: no images, no daemon.

@@ -263,3 +263,39 @@ def test_every_lazy_page_ends_up_exactly_once(
     data = (final / "pages-1.img").read_bytes()
     present = [e.vaddr + i * P for e in out if e.flags & PE_PRESENT for i in range(e.nr_pages)]
     assert data == b"".join(page(3, a, 1) for a in present)
+
+
+def test_tracked_dump_parent_runs_are_rewritten_like_lazy_runs(tmp_path: Path) -> None:
+    """A tracked incremental dump (phaul/engine/tracked_dump.py) writes PE_PARENT holes
+    against a synthesized parent: clean pages stay lazy for the target's daemon, the rest is
+    read; the same input without parent_runs is refused (it is not a lazy dump)."""
+    final = tmp_path / "final"
+    final.mkdir()
+    write_pagemap(
+        final / "pagemap-2.img",
+        7,
+        [PagemapEntry(A, 2, PE_PRESENT), PagemapEntry(B, 8, PE_PARENT)],
+    )
+    (final / "pages-7.img").write_bytes(page(2, A) + page(2, A + P))
+    mem = Memory()
+    clean = {2: [(B, B + 6 * P)]}
+    with pytest.raises(RewriteError, match="PE_PARENT"):
+        rewrite_final(final, clean=clean, read_pages=mem.read, parent_link=None)
+    rewrite_final(
+        final,
+        clean=clean,
+        read_pages=mem.read,
+        parent_link=None,
+        require_parent=False,
+        for_lazy_restore=True,
+        parent_runs=True,
+    )
+    assert read_pagemap(final / "pagemap-2.img").entries == (
+        PagemapEntry(A, 2, PE_PRESENT),
+        PagemapEntry(B, 6, PE_LAZY),
+        PagemapEntry(B + 6 * P, 2, PE_PRESENT),
+    )
+    assert mem.asked == [(2, [(B + 6 * P, 2 * P)])]
+    assert (final / "pages-7.img").read_bytes() == b"".join(
+        [page(2, A), page(2, A + P), page(2, B + 6 * P, 1), page(2, B + 7 * P, 1)]
+    )

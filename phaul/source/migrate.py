@@ -268,12 +268,11 @@ class SourceMigration:
         sender = PageSender(sock, codec=cfg.compress)
         gib = anon / (1 << 30)
         # Freeze costs that do not shrink with pre-copy, as measured here (docs/measurements.md):
-        # CRIU freezing and dumping the tree's state and the hand-off (~150 ms for a small
-        # tree), CRIU pinning every page in the lazy dump (~150 ms/GiB), then either the eager
-        # restore of all memory on the target (~600 ms/GiB on this VM: first-touch faults) or,
-        # for a lazy restore, splitting the images and starting the tree (~100 ms).
+        # CRIU dumping the tree's state, the hand-off and CRIU's restore (~100 ms for a small
+        # tree; the tracked final dump pins no memory, a lazy one ~80 ms/GiB), plus, for an
+        # eager restore, faulting in all memory on the target (~750 ms/GiB on this VM).
         lazy = self.report.restore == "lazy"
-        fixed_ms = 250.0 + 150.0 * gib if lazy else 150.0 + 750.0 * gib
+        fixed_ms = 100.0 + 20.0 * gib if lazy else 150.0 + 750.0 * gib
         procs = tree_vpids(root.pid, root.pids)
         pre = Precopy(
             procs,
@@ -309,6 +308,10 @@ class SourceMigration:
             await self._final_dump(root, lazy=lazy)
         finally:
             gcpause.resume()
+            # The tracked dump's private kdat copy and synthesized parent (tracked_dump.py).
+            with contextlib.suppress(OSError):
+                (self.images_dir.parent / "criu.kdat").unlink(missing_ok=True)
+            shutil.rmtree(self.images_dir.parent / "tracked-parent", ignore_errors=True)
 
     async def _final_dump(self, root: DumpRoot, *, lazy: bool) -> None:
         """CRIU's final dump; the hand-off happens inside its post-dump notify.

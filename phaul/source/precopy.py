@@ -71,6 +71,10 @@ def intersect(ranges: list[Range], other: list[Range]) -> list[Range]:
     return out
 
 
+#: pending runs up to this size are sent without a present-page check in the final pass
+SMALL_RUN = 16 * PAGE
+
+
 def clip_maps(maps: list[Mapping], ranges: list[Range]) -> list[Mapping]:
     """The parts of ``maps`` inside ``ranges`` (sorted, disjoint), as mappings."""
     out: list[Mapping] = []
@@ -256,7 +260,13 @@ class Precopy:
         trace.event("src final collected")
         pages = wire = 0
         for p in self.procs:
-            todo = p.present_pending()
+            # Small runs are written pages (present: a write populates): sent as they are.
+            # Only large ones (a mapping born during pre-copy) are checked for present pages,
+            # which costs a page-table scan per run.
+            small = [r for r in p.pending if r[1] - r[0] <= SMALL_RUN]
+            large = [r for r in p.pending if r[1] - r[0] > SMALL_RUN]
+            p.pending = large
+            todo = merge_ranges([*small, *p.present_pending()])
             trace.event("src final present_pending")
             if todo:
                 stats = self.sender.send_ranges(p.pid, p.vpid, todo)

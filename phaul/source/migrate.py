@@ -235,7 +235,8 @@ class SourceMigration:
         if use_precopy:
             from phaul.engine.lazy_dump import check_fd_budget
 
-            check_fd_budget(root.pids)  # before anything is frozen
+            if not self._tracked_expected(root):
+                check_fd_budget(root.pids)  # a lazy dump's pipes: refused before pre-copy
             self._phase(Phase.PRECOPY)
             sock = await self._page_connection(prep.page_ticket, "precopy")
             self.page_sock = sock
@@ -343,6 +344,7 @@ class SourceMigration:
         elif lazy:
             from phaul.engine import lazy_dump
 
+            lazy_dump.check_fd_budget(root.pids)  # still before the freeze
             swrk = await asyncio.to_thread(lazy_dump.spawn_lazy_swrk, self.criu)
             opts = lazy_dump.lazy_dump_options(
                 DumpOptions(
@@ -443,6 +445,19 @@ class SourceMigration:
         if not lazy:
             self.report.criu_dump_stats = dict(getattr(result, "stats", {}) or {})
         await self._after_commit()
+
+    def _tracked_expected(self, root: DumpRoot) -> bool:
+        """Will the final dump be a tracked one (no pipes, no fd budget)? Checked again,
+        fully, at the dump (_prepare_tracked)."""
+        from phaul.engine import tracked_dump
+
+        if self.cfg.final_dump != "auto" or not tracked_dump.SHIM.is_file():
+            return False
+        try:
+            tracked_dump.check_tree(root.pids)
+        except tracked_dump.TrackedDumpUnavailable:
+            return False
+        return True
 
     def _prepare_tracked(self, root: DumpRoot) -> Any:
         """The tracked final dump (phaul/engine/tracked_dump.py) if it can be used, else None

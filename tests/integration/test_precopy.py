@@ -171,3 +171,35 @@ def test_abort_when_not_converging_leaves_the_tree_running(lab: Lab) -> None:
     pid = writer_on(a, work)
     assert verify(pid, work).startswith("ok pages=4096 bad=0")
     wait_for(lambda: not list(agent.workdir.glob("*/precopy/*.img")), 10, "target cleanup")
+
+
+def test_only_the_lazy_dump_needs_the_fd_budget(lab: Lab) -> None:
+    """Under a 300-fd limit a 64 MiB tree is refused before anything moves when the final dump
+    would be CRIU's lazy dump (a pipe per MiB); the tracked dump opens no pipes and migrates it."""
+    import subprocess
+
+    from tests.integration.phaul_lab import PHAUL
+
+    a, b = lab.host("a"), lab.host("b")
+    root, work = start_writer(lab, a, "-m", "64", "-d", "4", "-t", "1")
+    agent = start_agent(lab, b, make_token(lab))
+
+    def run(final_dump: str) -> subprocess.CompletedProcess[str]:
+        argv = [
+            "prlimit", "--nofile=300:300", "--", *PHAUL, "migrate", str(root), "--to",
+            agent.address, "--token-file", str(agent.token_file), "--workdir",
+            str(Path(lab.tmp) / "src-fd"), "--precopy", "on", "--restore", "lazy",
+            "--final-dump", final_dump,
+        ]  # fmt: skip
+        return subprocess.run(
+            a.argv(argv), capture_output=True, text=True, timeout=120, check=False
+        )
+
+    res = run("lazy")
+    assert res.returncode == 10, res.stderr[-2000:]  # preflight: nothing changed
+    assert "descriptors" in res.stderr or "RLIMIT_NOFILE" in res.stderr, res.stderr[-2000:]
+    assert verify(writer_on(a, work), work).startswith("ok pages=16384 bad=0")
+
+    res = run("auto")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert verify(writer_on(b, work), work).startswith("ok pages=16384 bad=0")

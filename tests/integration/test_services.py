@@ -53,7 +53,14 @@ json.dump(res, open(out, "w"))
 """
 
 
-def test_redis_keeps_its_data_and_client_connection(lab: Lab) -> None:
+@pytest.mark.parametrize(
+    "how",
+    [(), ("--precopy", "on", "--restore", "lazy")],
+    ids=["stop-and-copy", "precopy-tracked-lazy"],
+)
+def test_redis_keeps_its_data_and_client_connection(lab: Lab, how: tuple[str, ...]) -> None:
+    """Redis (several threads) with a client connection open: stop-and-copy, and pre-copy with
+    the tracked final dump and the lazy restore."""
     a, b, client = lab.host("a"), lab.host("b"), lab.host("client")
     vip = lab.vip()
     ip = vip.split("/")[0]
@@ -68,8 +75,12 @@ def test_redis_keeps_its_data_and_client_connection(lab: Lab) -> None:
     proc = client.popen([sys.executable, "-c", CLIENT, ip, str(out), str(stop)])
     time.sleep(1.0)
     agent = start_agent(lab, b, make_token(lab))
-    res = migrate(lab, a, wl.root_pid, agent)
+    report = lab.tmpfile("report", ".json")
+    res = migrate(lab, a, wl.root_pid, agent, *how, "--report", str(report))
     assert res.returncode == 0, res.stderr[-3000:]
+    if how:
+        rep = json.loads(report.read_text())
+        assert (rep["final_dump"], rep["restore"]) == ("tracked", "lazy"), rep
     time.sleep(0.5)
     stop.write_text("stop")
     proc.wait(30)

@@ -203,3 +203,83 @@ def test_only_the_lazy_dump_needs_the_fd_budget(lab: Lab) -> None:
     res = run("auto")
     assert res.returncode == 0, res.stderr[-3000:]
     assert verify(writer_on(b, work), work).startswith("ok pages=16384 bad=0")
+
+
+FORKER = r"""
+import hashlib, os, signal, sys, time
+work = sys.argv[1]
+def fill(mib, seed):
+    buf = bytearray(mib << 20)
+    for off in range(0, len(buf), 4096):
+        buf[off:off + 32] = hashlib.sha256(b"%d:%d" % (seed, off)).digest()
+    return buf
+def check(buf, seed, name):
+    bad = sum(
+        buf[off:off + 32] != hashlib.sha256(b"%d:%d" % (seed, off)).digest()
+        for off in range(0, len(buf), 4096)
+    )
+    with open(os.path.join(work, name + ".tmp"), "w") as f:
+        f.write("ok" if bad == 0 else "bad %d" % bad)
+    os.rename(os.path.join(work, name + ".tmp"), os.path.join(work, name))
+mem = fill(32, 1)
+signal.signal(signal.SIGUSR1, lambda *_: check(mem, 1, "parent-result"))
+open(os.path.join(work, "ready"), "w").close()
+while not os.path.exists(os.path.join(work, "spawn")):
+    time.sleep(0.02)
+if os.fork() == 0:
+    child = fill(8, 2)
+    signal.signal(signal.SIGUSR1, lambda *_: check(child, 2, "child-result"))
+    open(os.path.join(work, "child-ready"), "w").close()
+    while True:
+        time.sleep(1)
+while True:
+    mem[4096 * (int(time.time() * 1000) % 8192)] ^= 0  # keep running, write nothing new
+    time.sleep(0.01)
+"""
+
+
+def test_process_born_during_precopy_is_dumped_whole(lab: Lab) -> None:
+    """A child forked while pre-copy runs has no tracker and no pre-copied pages: its memory is
+    taken whole by the final dump (tracked dump: CRIU finds no parent for it), and both
+    processes check their memory exact on the target."""
+    import subprocess
+
+    a, b = lab.host("a"), lab.host("b")
+    lab.shape(a, "80mbit")  # 32 MiB of pre-copy takes ~3.5 s
+    work = Path(lab.tmp) / "forker"
+    work.mkdir()
+    script = work / "forker.py"
+    script.write_text(FORKER)
+    wl = a.start_workload(["python3", str(script), str(work)])
+    wait_for((work / "ready").exists, 60, "the workload to fill its memory")
+    agent = start_agent(lab, b, make_token(lab))
+    report = lab.tmpfile("report", ".json")
+    with open(lab.tmpfile("migrate", ".log"), "w") as log:
+        from tests.integration.phaul_lab import PHAUL
+
+        proc = subprocess.Popen(
+            a.argv([
+                *PHAUL, "migrate", str(wl.root_pid), "--to", agent.address, "--token-file",
+                str(agent.token_file), "--workdir", str(Path(lab.tmp) / "src-forker"),
+                "--precopy", "on", "--restore", "lazy", "--report", str(report),
+            ]),
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        time.sleep(1.0)  # pre-copy is under way
+        (work / "spawn").touch()
+        wait_for((work / "child-ready").exists, 30, "the child to fill its memory")
+        assert proc.poll() is None, "the migration ended before the child was born"
+        assert proc.wait(180) == 0, Path(log.name).read_text()[-3000:]
+    rep = json.loads(report.read_text())
+    assert rep["final_dump"] == "tracked" and rep["restore"] == "lazy", rep
+    pythons = [
+        p for p in pids_in(b)
+        if p != agent.proc.pid
+        and Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[1:2] == [bytes(script)]
+    ]  # fmt: skip
+    assert len(pythons) == 2, pythons
+    for p in pythons:
+        os.kill(p, signal.SIGUSR1)
+    for name in ("parent-result", "child-result"):
+        wait_for((work / name).exists, 30, name)
+        assert (work / name).read_text() == "ok", name

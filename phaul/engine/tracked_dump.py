@@ -55,6 +55,7 @@ from phaul.page_server.criu_image import (
     INVENTORY_MAGIC,
     PE_PRESENT,
     PagemapEntry,
+    _varint,
     frame_entry,
     pagemap_name,
     pages_name,
@@ -198,18 +199,6 @@ def write_parent(parent: Path, vpids: list[int], user_end: int) -> None:
     (parent / "inventory.img").write_bytes(
         struct.pack("<I", INVENTORY_MAGIC) + frame_entry(payload)
     )
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
 
 
 def lazy_ok_ranges(pid: int) -> list[Range]:
